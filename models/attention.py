@@ -1,0 +1,157 @@
+"""Paged attention over a packed batch: prefill chunks and decode tokens in one call.
+
+A step's tokens arrive packed, sequence after sequence, decodes first:
+
+    tokens:  | d0 | d1 | d2 | p0 p0 p0 p0 p0 | p1 p1 p1 |      N = 3 + 5 + 3
+    seqs:      0    1    2    3                4              S = 5, num_decodes = 3
+
+Each new token's K/V is written into the pool at its slot (`slot_mapping`), then every query
+reads its sequence's keys back through the block table:
+
+    block_table[s] = [7, 2, 9]        block_size BS = 4
+    position p  ->  slot = block_table[s][p // BS] * BS + p % BS
+    p = 0..3 -> slots 28..31 (block 7), p = 4..7 -> 8..11 (block 2), p = 8.. -> 36.. (block 9)
+
+Decodes (one query each) are attended together in one padded batch; each prefill chunk is
+attended on its own with a causal mask shifted by the prefix already in the cache. Without a
+pool (`kv_cache is None`, the naive reference path) every sequence attends to its own chunk only.
+
+Legend: N tokens in the packed batch, S sequences, H query heads, KVH KV heads, D head dim,
+NB blocks, BS block size, L padded key length, T tokens of one chunk.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+KVCache = tuple[torch.Tensor, torch.Tensor]  # k, v pools: (NB, BS, KVH, D) each
+
+
+@dataclass
+class AttentionMetadata:
+    """Where each token of a packed batch writes its K/V and which keys it reads."""
+
+    query_start_loc: list[int]               # (S+1,) offsets of each sequence's tokens in the batch
+    seq_lens: list[int]                      # (S,) tokens in context after this step (cached + new)
+    num_decodes: int                         # the first num_decodes sequences have one query each
+    slot_mapping: torch.Tensor | None = None  # (N,) pool slot of each new token; None: no pool
+    block_tables: torch.Tensor | None = None  # (S, max_blocks) int64, padded with 0
+    decode_key_mask: torch.Tensor | None = None  # (S_dec, 1, 1, L) True where a decode may attend
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens)
+
+
+def build_attention_metadata(
+    query_lens: list[int],
+    seq_lens: list[int],
+    block_tables: list[list[int]] | None,
+    block_size: int,
+    device: torch.device | str = "cpu",
+) -> AttentionMetadata:
+    """Flatten per-sequence bookkeeping into the tensors attention needs, once per step.
+
+    Args:
+        query_lens: new tokens per sequence; sequences with one query must come first.
+        seq_lens: context length per sequence after this step (cached + new).
+        block_tables: block ids per sequence, or None for the cache-free reference path.
+        block_size: tokens per block.
+    """
+    num_decodes = 0
+    while num_decodes < len(query_lens) and query_lens[num_decodes] == 1:
+        num_decodes += 1
+    assert all(q > 1 for q in query_lens[num_decodes:]) or not block_tables, "decodes must come first"
+    starts = [0]
+    for q in query_lens:
+        starts.append(starts[-1] + q)
+    meta = AttentionMetadata(starts, list(seq_lens), num_decodes)
+    if block_tables is None:
+        meta.num_decodes = 0  # no cache: every sequence attends to its own chunk
+        return meta
+    slots: list[int] = []
+    for table, q_len, s_len in zip(block_tables, query_lens, seq_lens):
+        for pos in range(s_len - q_len, s_len):
+            slots.append(table[pos // block_size] * block_size + pos % block_size)
+    max_blocks = max(len(t) for t in block_tables)
+    padded = [t + [0] * (max_blocks - len(t)) for t in block_tables]
+    meta.slot_mapping = torch.tensor(slots, dtype=torch.int64, device=device)  # (N,)
+    meta.block_tables = torch.tensor(padded, dtype=torch.int64, device=device)  # (S, max_blocks)
+    if num_decodes:
+        dec_blocks = max(len(t) for t in block_tables[:num_decodes])
+        key_pos = torch.arange(dec_blocks * block_size, device=device)  # (L,)
+        dec_lens = torch.tensor(seq_lens[:num_decodes], device=device)  # (S_dec,)
+        meta.decode_key_mask = (key_pos[None, :] < dec_lens[:, None])[:, None, None, :]  # (S_dec,1,1,L)
+    return meta
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: KVCache | None,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention for a packed batch. q (N, H, D), k and v (N, KVH, D) -> (N, H, D)."""
+    if kv_cache is not None:
+        write_kv(k, v, kv_cache, meta.slot_mapping)
+    out = torch.empty_like(q)  # (N, H, D)
+    num_dec = meta.num_decodes
+    if num_dec:
+        out[:num_dec] = _decode_attention(q[:num_dec], kv_cache, meta, scale)
+    starts, seq_lens = meta.query_start_loc, meta.seq_lens
+    for s in range(num_dec, meta.num_seqs):
+        lo, hi = starts[s], starts[s + 1]
+        if kv_cache is None:
+            keys, values = k[lo:hi], v[lo:hi]  # (T, KVH, D)
+        else:
+            keys, values = gather_kv(kv_cache, meta.block_tables[s], seq_lens[s])  # (L, KVH, D)
+        out[lo:hi] = _prefill_attention(q[lo:hi], keys, values, scale)
+    return out
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache, slot_mapping: torch.Tensor) -> None:
+    """Store new keys and values (N, KVH, D) into the pools at their slots."""
+    k_pool, v_pool = kv_cache
+    k_pool.view(-1, *k_pool.shape[2:]).index_copy_(0, slot_mapping, k)  # (NB*BS, KVH, D)
+    v_pool.view(-1, *v_pool.shape[2:]).index_copy_(0, slot_mapping, v)
+
+
+def gather_kv(kv_cache: KVCache, block_table: torch.Tensor, seq_len: int) -> KVCache:
+    """One sequence's keys and values, in position order: (seq_len, KVH, D) each."""
+    k_pool, v_pool = kv_cache
+    num_blocks = -(-seq_len // k_pool.shape[1])
+    blocks = block_table[:num_blocks]
+    keys = k_pool[blocks].flatten(0, 1)[:seq_len]  # (num_blocks*BS, KVH, D) -> (L, KVH, D)
+    values = v_pool[blocks].flatten(0, 1)[:seq_len]
+    return keys, values
+
+
+def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """One chunk of T queries at the end of L keys (the first L - T are a cached prefix)."""
+    num_q, num_k = q.shape[0], k.shape[0]
+    q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # (H, T, D), (KVH, L, D)
+    if num_q == num_k:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    else:
+        q_pos = torch.arange(num_k - num_q, num_k, device=q.device)  # (T,)
+        mask = torch.arange(num_k, device=q.device)[None, :] <= q_pos[:, None]  # (T, L)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    return out.transpose(0, 1)  # (T, H, D)
+
+
+def _decode_attention(q: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """One query per sequence, all decodes at once over their padded block tables."""
+    k_pool, v_pool = kv_cache
+    mask = meta.decode_key_mask  # (S, 1, 1, L)
+    num_seqs, num_keys = mask.shape[0], mask.shape[-1]
+    tables = meta.block_tables[:num_seqs, : num_keys // k_pool.shape[1]]  # (S, L/BS)
+    keys = k_pool[tables].flatten(1, 2).transpose(1, 2)  # (S, L/BS, BS, KVH, D) -> (S, KVH, L, D)
+    values = v_pool[tables].flatten(1, 2).transpose(1, 2)
+    out = F.scaled_dot_product_attention(
+        q[:, :, None, :], keys, values, attn_mask=mask, scale=scale, enable_gqa=True
+    )  # (S, H, 1, D)
+    return out[:, :, 0, :]  # (S, H, D)

@@ -1,0 +1,119 @@
+"""Layers shared by the model families: RMSNorm, rotary position embedding, gated MLP.
+
+Legend: N tokens in the packed batch, C channels, H heads, D head dim.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in float32 and cast back (as HF Llama/Qwen do)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class GatedMLP(nn.Module):
+    """SwiGLU MLP with the gate and up projections fused into one matmul."""
+
+    def __init__(self, dim: int, hidden_dim: int, bias: bool = False):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(dim, 2 * hidden_dim, bias=bias)  # [gate; up]
+        self.down_proj = nn.Linear(hidden_dim, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (N, 2F) -> 2 x (N, F)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary embedding in the HF "rotate half" layout, cos/sin tables precomputed once.
+
+    Supports rope_scaling types default, linear, llama3 and yarn, read from the HF config.
+    """
+
+    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None = None):
+        super().__init__()
+        inv_freq, attention_factor = rope_inv_freq(head_dim, theta, scaling)
+        t = torch.arange(max_positions, dtype=torch.float32, device="cpu")
+        freqs = torch.outer(t, inv_freq)  # (P, D/2)
+        # Plain attributes, not buffers: the tables stay float32 when the model moves to bf16.
+        self.cos = freqs.cos() * attention_factor  # (P, D/2)
+        self.sin = freqs.sin() * attention_factor
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate q (N, H, D) and k (N, KVH, D) by their positions (N,)."""
+        if self.cos.device != positions.device:
+            self.cos, self.sin = self.cos.to(positions.device), self.sin.to(positions.device)
+        cos = self.cos[positions][:, None, :]  # (N, 1, D/2)
+        sin = self.sin[positions][:, None, :]
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.float().chunk(2, dim=-1)  # (N, H, D/2) each
+    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)  # (N, H, D)
+    return out.to(x.dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (D/2,) and the attention factor for a rope_scaling config."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim)
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if kind == "default":
+        return inv_freq, 1.0
+    if kind == "linear":
+        return inv_freq / scaling["factor"], 1.0
+    if kind == "llama3":
+        return _llama3_inv_freq(inv_freq, scaling), 1.0
+    if kind == "yarn":
+        return _yarn_inv_freq(head_dim, theta, scaling)
+    raise ValueError(f"rope_scaling type {kind!r} is not supported (use default, linear, llama3 or yarn)")
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
+    """Llama 3.1: keep high frequencies, divide low ones by factor, blend in between."""
+    factor, old_len = s["factor"], s["original_max_position_embeddings"]
+    low_wavelen = old_len / s.get("low_freq_factor", 1.0)
+    high_wavelen = old_len / s.get("high_freq_factor", 4.0)
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (old_len / wavelen - s.get("low_freq_factor", 1.0)) / (
+        s.get("high_freq_factor", 4.0) - s.get("low_freq_factor", 1.0)
+    )
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    out = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    is_medium = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
+    return torch.where(is_medium, blended, out)
+
+
+def _yarn_inv_freq(head_dim: int, theta: float, s: dict) -> tuple[torch.Tensor, float]:
+    """YaRN: interpolate low frequencies, extrapolate high ones, scale attention by mscale."""
+    factor = s["factor"]
+    old_len = s.get("original_max_position_embeddings", 4096)
+    beta_fast, beta_slow = s.get("beta_fast", 32), s.get("beta_slow", 1)
+    attention_factor = s.get("attention_factor") or (0.1 * math.log(factor) + 1.0)
+
+    def correction_dim(num_rotations: float) -> float:
+        return head_dim * math.log(old_len / (num_rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low = max(math.floor(correction_dim(beta_fast)), 0)
+    high = min(math.ceil(correction_dim(beta_slow)), head_dim - 1)
+    pos_freqs = theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim)
+    extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
+    ramp = (torch.arange(head_dim // 2, dtype=torch.float32, device="cpu") - low) / max(high - low, 1e-3)
+    extrapolation_weight = 1 - ramp.clamp(0, 1)
+    inv_freq = interpolation * (1 - extrapolation_weight) + extrapolation * extrapolation_weight
+    return inv_freq, attention_factor

@@ -1,0 +1,168 @@
+"""Qwen2 / Qwen2.5 / Qwen3 and Llama-style decoders in one implementation.
+
+The families differ in three switches on one config: QKV bias (Qwen2/2.5), q/k RMSNorm per head
+(Qwen3), and nothing at all (Llama, SmolLM2). All use RoPE, RMSNorm, SwiGLU and grouped-query
+attention. Names mirror the HF checkpoints (`model.layers.0.self_attn.o_proj`) except two fused
+projections, made at load time: `qkv_proj` = [q; k; v] and `gate_up_proj` = [gate; up].
+
+Legend: N tokens in the packed batch, C channels, H query heads, KVH KV heads, D head dim,
+V vocab.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from models.attention import AttentionMetadata, paged_attention
+from models.base import CausalLM, KVCacheSpec
+from models.layers import GatedMLP, RMSNorm, RotaryEmbedding
+
+
+@dataclass
+class QwenConfig:
+    vocab_size: int = 151936
+    hidden_size: int = 896
+    intermediate_size: int = 4864
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 14
+    num_key_value_heads: int = 2
+    head_dim: int | None = None       # None: hidden_size // num_attention_heads (Qwen3 sets it)
+    max_position_embeddings: int = 32768
+    rope_theta: float = 1_000_000.0
+    rope_scaling: dict | None = None
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = True
+    qkv_bias: bool = True             # Qwen2/2.5: bias on q, k, v only
+    o_bias: bool = False              # Llama `attention_bias` puts a bias on o_proj too
+    qk_norm: bool = False             # Qwen3: RMSNorm over each head of q and k before RoPE
+    extra: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        assert self.num_attention_heads % self.num_key_value_heads == 0, "heads must group evenly"
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "QwenConfig":
+        """Read an HF config.json dict of model_type qwen2, qwen3 or llama."""
+        model_type = hf["model_type"]
+        attention_bias = hf.get("attention_bias", False)
+        return cls(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_hidden_layers=hf["num_hidden_layers"],
+            num_attention_heads=hf["num_attention_heads"],
+            num_key_value_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+            head_dim=hf.get("head_dim"),
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            rope_theta=hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0),
+            rope_scaling=_rope_scaling(hf),
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            tie_word_embeddings=hf.get("tie_word_embeddings", False),
+            qkv_bias=True if model_type == "qwen2" else attention_bias,
+            o_bias=False if model_type == "qwen2" else attention_bias,
+            qk_norm=model_type == "qwen3",
+        )
+
+
+def _rope_scaling(hf: dict) -> dict | None:
+    scaling = hf.get("rope_scaling") or hf.get("rope_parameters")
+    if not scaling or scaling.get("rope_type", scaling.get("type", "default")) == "default":
+        return None
+    return scaling
+
+
+# name -> shape of known checkpoints, with parameter counts (tied embeddings counted once)
+QWEN_PRESETS: dict[str, dict] = {
+    "qwen2.5-0.5b": dict(  # 494M
+        hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+        num_key_value_heads=2, max_position_embeddings=32768),
+    "qwen3-0.6b": dict(  # 596M
+        hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+        num_key_value_heads=8, head_dim=128, max_position_embeddings=40960, qkv_bias=False,
+        qk_norm=True),
+    "smollm2-135m": dict(  # 135M, Llama architecture
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+        rope_theta=100000.0, rms_norm_eps=1e-5, qkv_bias=False),
+}
+
+
+class Attention(nn.Module):
+    def __init__(self, config: QwenConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.head_dim
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.sizes = [q_size, kv_size, kv_size]
+        self.qkv_proj = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.o_bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.kv_cache = None
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
+                meta: AttentionMetadata) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)  # (N, (H + 2 KVH) D) -> q, k, v
+        q = q.view(-1, self.num_heads, self.head_dim)  # (N, H, D)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)  # (N, KVH, D)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)  # (N, KVH, D)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rotary(positions, q, k)
+        y = paged_attention(q, k, v, self.kv_cache, meta, self.head_dim**-0.5)  # (N, H, D)
+        return self.o_proj(y.flatten(1))  # (N, H*D) -> (N, C)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: QwenConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
+                meta: AttentionMetadata) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class QwenModel(CausalLM):
+    """Qwen2/2.5/3 and Llama-style causal LM."""
+
+    def __init__(self, config: QwenConfig):
+        super().__init__()
+        self.config = config
+        self.max_positions = config.max_position_embeddings
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size),
+            layers=nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers)),
+            norm=RMSNorm(config.hidden_size, config.rms_norm_eps),
+        ))
+        self.rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings,
+                                      config.rope_theta, config.rope_scaling)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @property
+    def kv_cache_spec(self) -> KVCacheSpec:
+        c = self.config
+        return KVCacheSpec(c.num_hidden_layers, c.num_key_value_heads, c.head_dim)
+
+    def attention_layers(self) -> list[nn.Module]:
+        return [layer.self_attn for layer in self.model.layers]
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        x = self.model.embed_tokens(input_ids)  # (N, C)
+        for layer in self.model.layers:
+            x = layer(x, positions, self.rotary, meta)
+        return self.model.norm(x)  # (N, C)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)  # (M, C) -> (M, V)
