@@ -1,0 +1,74 @@
+"""`random:<preset>`: real architectures' shapes with seeded random weights, for speed work.
+
+GPT-2 presets use the GPT-2 tokenizer, Qwen presets the real Qwen vocabulary; the tiny presets
+are small enough for tests and keep those vocabularies.
+"""
+from __future__ import annotations
+
+import torch
+
+from models.base import CausalLM
+from models.gpt2 import GPT2, GPT2_PRESETS, GPT2Config
+from models.qwen import QWEN_PRESETS, QwenConfig, QwenModel
+
+TINY_PRESETS = {
+    "tiny-gpt2": ("gpt2", dict(n_layer=2, n_head=4, n_embd=64)),
+    "tiny-qwen2": ("qwen", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)),
+    "tiny-qwen3": ("qwen", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                max_position_embeddings=4096, qkv_bias=False, qk_norm=True)),
+}
+
+
+def preset_names() -> list[str]:
+    return sorted([*GPT2_PRESETS, *QWEN_PRESETS, *TINY_PRESETS])
+
+
+def random_model(name: str, seed: int = 0) -> tuple[CausalLM, "Tokenizer", int]:
+    """A seeded random model in the shapes of preset `name`, with its family's tokenizer."""
+    from models.tokenizer import gpt2_tokenizer, qwen_tokenizer
+
+    family, shape = _lookup(name)
+    torch.manual_seed(seed)
+    if family == "gpt2":
+        config = GPT2Config(**shape)
+        model, tokenizer, max_len = GPT2(config), gpt2_tokenizer(), config.n_positions
+    else:
+        config = QwenConfig(**shape)
+        model, max_len = QwenModel(config), config.max_position_embeddings
+        tokenizer = _smollm2_tokenizer() if config.vocab_size == 49152 else qwen_tokenizer()
+    init_weights(model)
+    return model, tokenizer, max_len
+
+
+def _lookup(name: str) -> tuple[str, dict]:
+    if name in GPT2_PRESETS:
+        return "gpt2", GPT2_PRESETS[name]
+    if name in QWEN_PRESETS:
+        return "qwen", QWEN_PRESETS[name]
+    if name in TINY_PRESETS:
+        return TINY_PRESETS[name]
+    raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(preset_names())}")
+
+
+@torch.no_grad()
+def init_weights(model: CausalLM) -> None:
+    """GPT-2 style init: N(0, 0.02) matrices, zero biases, unit norms."""
+    for name, param in model.named_parameters():
+        if param.dim() >= 2:
+            param.normal_(0.0, 0.02)
+        elif name.endswith("bias"):
+            param.zero_()
+        else:
+            param.fill_(1.0)
+
+
+def _smollm2_tokenizer() -> "Tokenizer":
+    """SmolLM2's vocabulary, read from the default model's GGUF."""
+    import gguf
+
+    from models.loader import builtin_model_path
+    from models.tokenizer import tokenizer_from_gguf
+
+    return tokenizer_from_gguf(gguf.GGUFReader(builtin_model_path("smollm2-135m-instruct")))
