@@ -1,0 +1,268 @@
+"""Scheduler: the continuous-batching policy that picks what each engine step computes.
+
+Plain Python over `Sequence` objects and the `BlockManager` (no torch). Each step it returns a
+list of chunks, "compute these tokens of this sequence", mixing decode tokens and prefill chunks
+under two budgets: tokens per step (`max_num_batched_tokens`) and running sequences
+(`max_num_seqs`).
+"""
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+
+from server.engine.kv_cache import BlockManager
+from server.engine.sequence import FinishReason, Sequence, SequenceStatus
+
+
+@dataclass(slots=True)
+class ScheduledChunk:
+    """Compute `seq.token_ids[seq.num_computed_tokens : +num_new_tokens]` in this step."""
+
+    seq: Sequence
+    num_new_tokens: int
+    # True when the chunk reaches the end of seq.token_ids, so a token is sampled after it.
+    # Frozen at schedule time: it stays right after update_after_step() moves the counters.
+    samples: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        end = self.seq.num_computed_tokens + self.num_new_tokens
+        assert 1 <= self.num_new_tokens and end <= self.seq.num_tokens
+        self.samples = end == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk]
+    preempted: list[Sequence]       # sent back to `waiting` in this step (stats)
+    num_batched_tokens: int
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks
+
+
+class RequestRejected(ValueError):
+    """A request that can never run: longer than the context or bigger than the KV pool."""
+
+
+@dataclass(slots=True)
+class _Step:
+    """Budgets and results of the `schedule()` call in progress."""
+
+    token_budget: int
+    seq_budget: int                 # free running slots left for admissions
+    chunks: dict[int, ScheduledChunk] = field(default_factory=dict)   # seq_id -> chunk
+    preempted: list[Sequence] = field(default_factory=list)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+    ) -> None:
+        assert max_num_seqs >= 1 and max_num_batched_tokens >= 1 and max_model_len >= 1
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []     # in admission order: oldest first
+        self.num_preemptions = 0              # cumulative
+
+    # ---- queues -----------------------------------------------------------------------------
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def has_unfinished(self) -> bool:
+        """Returns: True while any sequence is waiting or running."""
+        return bool(self.waiting or self.running)
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a new sequence at the back of `waiting`.
+
+        Args:
+            seq: a fresh sequence.
+        Raises:
+            RequestRejected: prompt + max_tokens exceed the context length, or the blocks for
+                them exceed the whole KV pool (the request could never run).
+        """
+        self._check_admissible(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def _check_admissible(self, seq: Sequence) -> None:
+        max_tokens = seq.params.max_tokens or 0    # None: up to the context, checked as it grows
+        num_tokens = seq.num_prompt_tokens + max_tokens
+        request = f"the request has {seq.num_prompt_tokens} prompt tokens and max_tokens {max_tokens}"
+        if num_tokens > self.max_model_len:
+            raise RequestRejected(
+                f"This model's maximum context length is {self.max_model_len} tokens; {request}"
+            )
+        bm = self.block_manager
+        if bm.num_blocks_needed(num_tokens) > bm.num_blocks:
+            raise RequestRejected(
+                f"The KV cache holds {bm.num_blocks * bm.block_size} tokens ({bm.num_blocks} "
+                f"blocks of {bm.block_size}); {request}"
+            )
+
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        """Mark a sequence finished, free its blocks and drop it from the queues.
+
+        Args:
+            seq: a waiting or running sequence; finishing a finished one does nothing.
+            reason: why it ended.
+        """
+        if seq.is_finished:
+            return
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        self.block_manager.free(seq)
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+
+    def abort(self, request_id: str) -> list[Sequence]:
+        """Finish every waiting or running sequence of a request with ABORT.
+
+        Args:
+            request_id: the request to cancel.
+        Returns:
+            The sequences aborted; [] for an unknown or already finished request.
+        """
+        seqs = [s for s in itertools.chain(self.running, self.waiting) if s.request_id == request_id]
+        for seq in seqs:
+            self.finish(seq, FinishReason.ABORT)
+        return seqs
+
+    def update_after_step(self, output: SchedulerOutput) -> None:
+        """Record that the step ran: advance computed counts and cache newly full blocks.
+
+        Called by the engine after the forward pass and before it appends the sampled tokens.
+
+        Args:
+            output: what `schedule()` returned for this step.
+        """
+        for chunk in output.chunks:
+            seq = chunk.seq
+            if seq.is_finished:            # aborted while the step ran: blocks already freed
+                continue
+            seq.num_computed_tokens += chunk.num_new_tokens
+            assert seq.num_computed_tokens <= seq.num_tokens
+            self.block_manager.commit_computed_blocks(seq)
+
+    # ---- scheduling -------------------------------------------------------------------------
+
+    # One step, in three phases, oldest sequences first everywhere (FCFS):
+    #
+    # 1. Decodes: every running sequence with exactly one uncomputed token (the token sampled
+    #    last step) gets that token, so streaming requests advance every step.
+    # 2. Prefill continuation: running sequences still working through their prompt (chunked
+    #    prefill) get as many tokens as the token budget has left.
+    # 3. Admission: waiting sequences, front first, reuse their cached prefix and get a chunk of
+    #    what remains, while tokens and sequence slots last. The first one that does not fit
+    #    stops admission (no skipping ahead), and nothing is admitted in a step that preempted.
+    #
+    # When a running sequence needs a block and none is free, the NEWEST running sequence is
+    # preempted by recompute: its blocks are freed, its computed count reset, and it goes back
+    # to the FRONT of `waiting`, keeping its output tokens to be recomputed later. The victim
+    # may be a decode scheduled earlier in this step (phase 2 runs after phase 1); its chunk is
+    # then withdrawn and its tokens returned to the budget. If the newest is the sequence
+    # itself, it preempts itself and gets nothing this step.
+    def schedule(self) -> SchedulerOutput:
+        """Pick the chunks of the next step.
+
+        Returns:
+            The chunks to compute, the sequences preempted, and the total number of tokens.
+        """
+        step = _Step(self.max_num_batched_tokens, self.max_num_seqs - len(self.running))
+
+        # Phase 1: decodes, one token each.
+        for seq in [s for s in self.running if s.num_uncomputed_tokens == 1]:
+            if step.token_budget == 0:
+                break
+            if seq.status is SequenceStatus.RUNNING and self._make_room(seq, 1, step):
+                self._add_chunk(seq, 1, step)
+
+        # Phase 2: running sequences still prefilling, as much as the budget allows.
+        for seq in [s for s in self.running if s.num_uncomputed_tokens > 1]:
+            if step.token_budget == 0:
+                break
+            num_new_tokens = min(seq.num_uncomputed_tokens, step.token_budget)
+            if seq.status is SequenceStatus.RUNNING and self._make_room(seq, num_new_tokens, step):
+                self._add_chunk(seq, num_new_tokens, step)
+
+        # Phase 3: admit waiting sequences, unless memory was short enough to preempt.
+        if not step.preempted:
+            self._admit_waiting(step)
+
+        return self._close_step(step)
+
+    def _make_room(self, seq: Sequence, num_new_tokens: int, step: _Step) -> bool:
+        """Allocate blocks for a running seq, preempting the newest running ones if needed."""
+        while not self.block_manager.can_allocate(seq, num_new_tokens):
+            victim = self.running[-1]
+            self._preempt(victim, step)
+            if victim is seq:
+                return False
+        self.block_manager.allocate(seq, num_new_tokens)
+        return True
+
+    def _admit_waiting(self, step: _Step) -> None:
+        bm = self.block_manager
+        while self.waiting and step.token_budget > 0 and step.seq_budget > 0:
+            seq = self.waiting[0]
+            matched = seq.num_computed_tokens == 0
+            if matched:
+                bm.match_prefix(seq)
+            num_new_tokens = min(seq.num_uncomputed_tokens, step.token_budget)
+            if not bm.can_allocate(seq, num_new_tokens):
+                if matched:
+                    bm.undo_match_prefix(seq)
+                break
+            bm.allocate(seq, num_new_tokens)
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            step.seq_budget -= 1
+            self._add_chunk(seq, num_new_tokens, step)
+
+    def _add_chunk(self, seq: Sequence, num_new_tokens: int, step: _Step) -> None:
+        step.chunks[seq.seq_id] = ScheduledChunk(seq, num_new_tokens)
+        step.token_budget -= num_new_tokens
+
+    def _preempt(self, seq: Sequence, step: _Step) -> None:
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+        step.preempted.append(seq)
+        step.seq_budget += 1
+        chunk = step.chunks.pop(seq.seq_id, None)
+        if chunk is not None:              # scheduled earlier in this step: withdraw it
+            step.token_budget += chunk.num_new_tokens
+
+    def _close_step(self, step: _Step) -> SchedulerOutput:
+        chunks = list(step.chunks.values())
+        num_batched_tokens = sum(chunk.num_new_tokens for chunk in chunks)
+        assert num_batched_tokens + step.token_budget == self.max_num_batched_tokens
+        assert 0 <= step.token_budget and num_batched_tokens <= self.max_num_batched_tokens
+        assert len(self.running) + step.seq_budget == self.max_num_seqs
+        assert 0 <= step.seq_budget and len(self.running) <= self.max_num_seqs
+        assert all(chunk.num_new_tokens >= 1 for chunk in chunks)
+        assert len({id(chunk.seq) for chunk in chunks}) == len(chunks), "a seq scheduled twice"
+        assert all(chunk.seq.status is SequenceStatus.RUNNING for chunk in chunks)
+        return SchedulerOutput(chunks, step.preempted, num_batched_tokens)
