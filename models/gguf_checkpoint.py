@@ -96,7 +96,7 @@ def dequantize(tensor) -> torch.Tensor:
     import gguf
 
     data = gguf.quants.dequantize(tensor.data, tensor.tensor_type)  # numpy, (out, in) order
-    return torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
+    return torch.from_numpy(np.array(data, dtype=np.float32))  # copy: F32 data is a read-only mmap view
 
 
 def _qwen_model(meta: GGUFMetadata, arch: str, tied: bool) -> tuple[QwenModel, int]:
