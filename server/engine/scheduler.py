@@ -101,9 +101,12 @@ class Scheduler:
         self.waiting.append(seq)
 
     def _check_admissible(self, seq: Sequence) -> None:
-        max_tokens = seq.params.max_tokens or 0    # None: up to the context, checked as it grows
-        num_tokens = seq.num_prompt_tokens + max_tokens
-        request = f"the request has {seq.num_prompt_tokens} prompt tokens and max_tokens {max_tokens}"
+        # max_tokens None reserves nothing: the engine stops such a seq at the context length.
+        max_tokens = seq.params.max_tokens
+        num_tokens = seq.num_prompt_tokens + (max_tokens or 0)
+        request = f"the request has {seq.num_prompt_tokens} prompt tokens"
+        if max_tokens is not None:
+            request += f" and max_tokens {max_tokens}"
         if num_tokens > self.max_model_len:
             raise RequestRejected(
                 f"This model's maximum context length is {self.max_model_len} tokens; {request}"
@@ -140,7 +143,8 @@ class Scheduler:
         Returns:
             The sequences aborted; [] for an unknown or already finished request.
         """
-        seqs = [s for s in itertools.chain(self.running, self.waiting) if s.request_id == request_id]
+        live = itertools.chain(self.running, self.waiting)
+        seqs = [seq for seq in live if seq.request_id == request_id]
         for seq in seqs:
             self.finish(seq, FinishReason.ABORT)
         return seqs
