@@ -46,12 +46,13 @@ class Sampler:
 
     def __call__(self, logits: Tensor, rows: list[SamplingRow]) -> SamplerOutput:
         assert logits.dim() == 2 and logits.shape[0] == len(rows), (logits.shape, len(rows))
-        logits = logits.to(torch.float32, copy=True)  # (S, V) our own copy, safe to edit in place
+        logits = logits.to(torch.float32)  # (S, V) the stages never edit the caller's tensor
         wants_logprobs = any(r.params.logprobs is not None for r in rows)
         raw_logprobs = logits.log_softmax(dim=-1) if wants_logprobs else None  # (S, V)
         logits = apply_penalties(logits, rows)
         logits = mask_stop_tokens(logits, rows)
         token_ids = logits.argmax(dim=-1)  # (S,) final for greedy rows
+        # only non-greedy rows draw noise: a seeded greedy row leaves its generator untouched
         sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
         if sampled:
             index = torch.tensor(sampled, device=logits.device)  # (S',)
