@@ -82,9 +82,11 @@ class Tokenizer(ABC):
 
     def token_bytes(self, token_id: int) -> bytes:
         """Raw bytes of one token (a special token: its text in UTF-8)."""
-        return self._token_bytes(token_id) if self._in_vocabulary([token_id]) else b""
+        in_vocabulary = self._in_vocabulary([token_id])  # [] for a padding id, which has no text
+        return self._token_bytes(token_id) if in_vocabulary else b""
 
     def is_special(self, token_id: int) -> bool:
+        """Whether `skip_special_tokens` drops this token (BOS/EOS/control tokens)."""
         return token_id in self._special_ids
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
@@ -94,6 +96,7 @@ class Tokenizer(ABC):
                            eos_token=self._token_text(self.eos_token_id))
 
     def _in_vocabulary(self, ids: list[int]) -> list[int]:
+        """`ids` without padding ids (>= vocab_size); a negative id is an error."""
         if ids and min(ids) < 0:
             raise ValueError(f"token id {min(ids)} is negative; token ids are 0..{self.vocab_size - 1}")
         if ids and max(ids) >= self.vocab_size:
@@ -159,9 +162,12 @@ class HFTokenizer(Tokenizer):
         piece = self._backend.id_to_token(token_id)
         if piece is None:
             return b""
-        if self._is_byte_level:
+        if not self._is_byte_level:
+            return _sentencepiece_piece_bytes(piece)
+        try:
             return bytes(unicode_to_byte()[char] for char in piece)
-        return _sentencepiece_piece_bytes(piece)
+        except KeyError:  # not spelled with the byte alphabet: its text, as the ByteLevel decoder does
+            return piece.encode("utf-8")
 
 
 class CharTokenizer(Tokenizer):
