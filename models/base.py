@@ -58,8 +58,12 @@ class CausalLM(nn.Module):
         device = next(self.parameters()).device
         ids = torch.tensor(token_ids, device=device)  # (T,)
         meta = build_attention_metadata([len(token_ids)], [len(token_ids)], None, 1)
-        self.bind_kv_cache(None)
-        hidden = self(ids, torch.arange(len(token_ids), device=device), meta)  # (T, C)
+        bound = [layer.kv_cache for layer in self.attention_layers()]
+        self.bind_kv_cache(None)  # the reference path never touches a pool an engine may own
+        try:
+            hidden = self(ids, torch.arange(len(token_ids), device=device), meta)  # (T, C)
+        finally:
+            self.bind_kv_cache(None if bound[0] is None else bound)
         return self.compute_logits(hidden).float()  # (T, V)
 
     @torch.inference_mode()

@@ -226,7 +226,8 @@ class Scheduler:
         bm = self.block_manager
         while self.waiting and step.token_budget > 0 and step.seq_budget > 0:
             seq = self.waiting[0]
-            matched = seq.num_computed_tokens == 0
+            # Prompt scoring (prompt_logprobs) needs logits at every prompt position: no reuse.
+            matched = seq.num_computed_tokens == 0 and seq.params.prompt_logprobs is None
             if matched:
                 bm.match_prefix(seq)
             num_new_tokens = min(seq.num_uncomputed_tokens, step.token_budget)

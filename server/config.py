@@ -1,0 +1,36 @@
+"""Engine and server settings: dataclasses parsed once and passed down by construction."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from models.base import KVCacheSpec
+
+GiB = 2**30
+
+
+@dataclass
+class EngineConfig:
+    max_model_len: int | None = None        # None: the checkpoint's context length
+    max_num_seqs: int = 64                   # sequences per step (also the running-set cap)
+    max_num_batched_tokens: int = 2048       # tokens per step: decodes + prefill chunks
+    block_size: int = 16
+    kv_cache_memory: int = 1 * GiB           # bytes for the K/V pool, unless num_kv_blocks is set
+    num_kv_blocks: int | None = None
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        assert self.max_num_seqs >= 1 and self.max_num_batched_tokens >= 1, "budgets must be positive"
+        assert self.block_size >= 1 and self.kv_cache_memory > 0
+        assert self.num_kv_blocks is None or self.num_kv_blocks >= 1
+
+    def resolve_num_blocks(self, spec: KVCacheSpec, dtype, max_model_len: int) -> int:
+        """Blocks in the pool: explicit, or what the memory budget buys, capped by what
+        max_num_seqs full-length sequences could ever use."""
+        if self.num_kv_blocks is not None:
+            return self.num_kv_blocks
+        affordable = self.kv_cache_memory // spec.bytes_per_block(self.block_size, dtype)
+        useful = self.max_num_seqs * -(-max_model_len // self.block_size)
+        num_blocks = min(affordable, useful)
+        if num_blocks < 1:
+            raise ValueError("kv_cache_memory is too small for a single KV block")
+        return num_blocks

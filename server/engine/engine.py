@@ -1,0 +1,294 @@
+"""Engine: requests in, token deltas out, one `step()` at a time.
+
+    step() = schedule -> run -> postprocess
+
+The scheduler picks chunks under the token and sequence budgets, the model runner turns them
+into one forward pass and samples, and postprocessing appends tokens, detokenizes, checks stop
+conditions and frees finished sequences. A request with n > 1 fans out into n sequences that
+share the prompt's blocks through the prefix cache. Single-threaded: the async layer owns the
+thread that calls `step()`.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from models.detokenizer import IncrementalDetokenizer
+from models.loader import LoadedModel
+from server.config import EngineConfig
+from server.engine.kv_cache import BlockManager
+from server.engine.outputs import ChoiceDelta, RequestStats, StepStats, TokenLogprobs
+from server.engine.runner import ModelRunner, StepResult
+from server.engine.sampling_params import SamplingParams
+from server.engine.scheduler import Scheduler
+from server.engine.sequence import FinishReason, Sequence
+from server.engine.stop_checker import StopChecker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Choice:
+    """Per-sequence output state: text assembly and what has been handed out."""
+
+    seq: Sequence
+    index: int
+    detokenizer: IncrementalDetokenizer
+    stop_checker: StopChecker
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+    prompt_logprobs_sent: bool = False
+
+
+@dataclass
+class _Request:
+    request_id: str
+    arrival_time: float
+    choices: list[_Choice] = field(default_factory=list)
+    first_token_time: float | None = None
+    first_scheduled_time: float | None = None
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig):
+        self.loaded, self.config = loaded, config
+        self.tokenizer = loaded.tokenizer
+        max_model_len = min(config.max_model_len or loaded.max_model_len, loaded.max_model_len)
+        num_blocks = config.resolve_num_blocks(loaded.model.kv_cache_spec, loaded.dtype, max_model_len)
+        if num_blocks * config.block_size < max_model_len:
+            log.warning("max_model_len %d lowered to the KV pool's %d tokens", max_model_len,
+                        num_blocks * config.block_size)
+        self.max_model_len = min(max_model_len, num_blocks * config.block_size)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
+                                   config.max_num_batched_tokens, self.max_model_len)
+        self.runner = ModelRunner(loaded, num_blocks, config.block_size)
+        self.stop_token_ids = set(self.tokenizer.stop_token_ids)
+        self.requests: dict[str, _Request] = {}
+        self._choices: dict[int, _Choice] = {}  # seq_id -> choice
+        self._seq_ids = itertools.count()
+        self._aborted: list[ChoiceDelta] = []
+        self._retired: list[RequestStats] = []  # stats of requests retired outside step() (aborts)
+        self.vocab_size = loaded.model.lm_head.out_features
+        self._prefix_counts = (0, 0)
+        log.info("KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB)", num_blocks, config.block_size,
+                 num_blocks * config.block_size,
+                 num_blocks * loaded.model.kv_cache_spec.bytes_per_block(config.block_size, loaded.dtype) / 2**30)
+
+    # ---- requests -----------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    arrival_time: float | None = None) -> None:
+        """Queue a request of `params.n` choices.
+
+        Args:
+            request_id: unique id, used to abort and to label outputs.
+            prompt_token_ids: the prompt, at least one token.
+            params: sampling and stopping settings.
+        Raises:
+            RequestRejected: the prompt plus max_tokens can never fit the context or the pool.
+            ValueError: empty prompt, duplicate request id, token ids outside the vocabulary.
+        """
+        if not prompt_token_ids:
+            raise ValueError("the prompt must contain at least one token")
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= self.vocab_size:
+            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+        if params.max_tokens is None:
+            params.max_tokens = max(self.max_model_len - len(prompt_token_ids), 0)
+        arrival = arrival_time if arrival_time is not None else time.monotonic()
+        request = _Request(request_id, arrival)
+        for index in range(params.n):
+            seq = Sequence(next(self._seq_ids), request_id, prompt_token_ids, params, arrival)
+            self.scheduler.add(seq)  # every child passes the same check, so all or none are queued
+            choice = _Choice(seq, index, IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens),
+                             StopChecker(params.stop))
+            if params.prompt_logprobs is not None:
+                choice.prompt_logprobs = [None] * len(prompt_token_ids)
+            request.choices.append(choice)
+            self._choices[seq.seq_id] = choice
+        self.requests[request_id] = request
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request; its blocks are freed now and a final "abort" delta comes next step."""
+        for seq in self.scheduler.abort(request_id):
+            choice = self._choices[seq.seq_id]
+            self._aborted.append(self._delta(choice, [], "", None))
+        if request_id in self.requests and all(c.seq.is_finished for c in self.requests[request_id].choices):
+            self._retire(self.requests.pop(request_id), time.monotonic(), None)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self._aborted)
+
+    # ---- the step -----------------------------------------------------------------------------
+
+    def step(self) -> tuple[list[ChoiceDelta], StepStats]:
+        """Schedule, run one forward pass, postprocess. Returns the deltas and the step's stats."""
+        preemptions_before = self.scheduler.num_preemptions
+        output = self.scheduler.schedule()
+        stats = self._new_stats()
+        deltas, self._aborted = self._aborted, []
+        stats.finished, self._retired = self._retired, []
+        if not output.is_empty:
+            now = time.monotonic()
+            for chunk in output.chunks:
+                request = self.requests[chunk.seq.request_id]
+                if request.first_scheduled_time is None:
+                    request.first_scheduled_time = now
+            result = self.runner.execute(output, {s: c.index for s, c in self._choices.items()})
+            self.scheduler.update_after_step(output)
+            deltas += self._postprocess(result, stats)
+            stats.batch_size, stats.num_batched_tokens = len(output.chunks), output.num_batched_tokens
+        stats.num_preemptions = self.scheduler.num_preemptions - preemptions_before
+        stats.num_running, stats.num_waiting = self.scheduler.num_running, self.scheduler.num_waiting
+        stats.kv_cache_usage = self.block_manager.usage
+        return deltas, stats
+
+    def _postprocess(self, result: StepResult, stats: StepStats) -> list[ChoiceDelta]:
+        """Append sampled tokens, detokenize, check stops, free what finished."""
+        now = time.monotonic()
+        for scored in result.prompt_logprobs:
+            choice = self._choices[scored.seq.seq_id]
+            for offset, (_, entry) in enumerate(scored.entries):
+                choice.prompt_logprobs[scored.start + offset] = entry
+        deltas = []
+        for sampled in result.sampled:
+            seq, choice = sampled.seq, self._choices[sampled.seq.seq_id]
+            if seq.is_finished:  # aborted while the step ran
+                continue
+            self._record_token_time(seq, now, stats)
+            seq.append_token(sampled.token_id)
+            text, reason = self._check_stop(choice, sampled.token_id)
+            logprobs = [sampled.logprobs] if sampled.logprobs is not None else None
+            deltas.append(self._finish_or_continue(choice, [sampled.token_id], text, logprobs, reason, now))
+        stats.num_generation_tokens = len(result.sampled)
+        deltas += self._finish_scored_prompts(result, now)
+        for request_id in {d.request_id for d in deltas if d.finished}:
+            request = self.requests.get(request_id)
+            if request and all(c.seq.is_finished for c in request.choices):
+                self._retire(self.requests.pop(request_id), now, stats)
+        return deltas
+
+    def _finish_scored_prompts(self, result: StepResult, now: float) -> list[ChoiceDelta]:
+        """max_tokens == 0 (echo scoring): finish once the whole prompt has been computed."""
+        deltas = []
+        for choice in {self._choices[s.seq.seq_id].seq.seq_id: self._choices[s.seq.seq_id]
+                       for s in result.prompt_logprobs}.values():
+            seq = choice.seq
+            if seq.params.max_tokens == 0 and seq.num_computed_tokens >= seq.num_prompt_tokens and not seq.is_finished:
+                deltas.append(self._finish_or_continue(choice, [], "", None, FinishReason.LENGTH, now))
+        return deltas
+
+    def _check_stop(self, choice: _Choice, token_id: int) -> tuple[str, FinishReason | None]:
+        seq, params = choice.seq, choice.seq.params
+        text, stopped = choice.stop_checker.process(choice.detokenizer.add(token_id))
+        if stopped:
+            return text, FinishReason.STOP
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.stop_token_ids)
+        if token_id in stop_ids and seq.num_output_tokens >= params.min_tokens:
+            reason = FinishReason.STOP
+        elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            reason = FinishReason.LENGTH
+        else:
+            return text, None
+        tail, stopped = choice.stop_checker.process(choice.detokenizer.flush())
+        return text + tail + ("" if stopped else choice.stop_checker.flush()), reason
+
+    def _finish_or_continue(self, choice: _Choice, token_ids: list[int], text: str,
+                            logprobs: list[TokenLogprobs] | None, reason: FinishReason | None,
+                            now: float) -> ChoiceDelta:
+        if reason is not None:
+            self.scheduler.finish(choice.seq, reason)
+            choice.seq.finished_time = now
+            self.runner.release(choice.seq.seq_id)
+        return self._delta(choice, token_ids, text, logprobs)
+
+    def _delta(self, choice: _Choice, token_ids: list[int], text: str,
+               logprobs: list[TokenLogprobs] | None) -> ChoiceDelta:
+        seq = choice.seq
+        delta = ChoiceDelta(seq.request_id, choice.index, token_ids, text, logprobs,
+                            finish_reason=seq.finish_reason.value if seq.finish_reason else None,
+                            num_prompt_tokens=seq.num_prompt_tokens, num_output_tokens=seq.num_output_tokens,
+                            num_cached_tokens=seq.num_cached_tokens)
+        prompt_done = seq.num_computed_tokens >= seq.num_prompt_tokens or seq.is_finished
+        if choice.prompt_logprobs is not None and prompt_done and not choice.prompt_logprobs_sent:
+            delta.prompt_logprobs, choice.prompt_logprobs_sent = choice.prompt_logprobs, True
+        return delta
+
+    # ---- stats --------------------------------------------------------------------------------
+
+    def _new_stats(self) -> StepStats:
+        queried, hit = self.block_manager.num_prefix_queried_tokens, self.block_manager.num_prefix_hit_tokens
+        stats = StepStats(0, 0, 0.0, num_prefix_queried_tokens=queried - self._prefix_counts[0],
+                          num_prefix_hit_tokens=hit - self._prefix_counts[1])
+        self._prefix_counts = (queried, hit)
+        return stats
+
+    def _record_token_time(self, seq: Sequence, now: float, stats: StepStats) -> None:
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+            request = self.requests[seq.request_id]
+            if request.first_token_time is None:
+                request.first_token_time = now
+                stats.time_to_first_tokens.append(now - request.arrival_time)
+                stats.num_prompt_tokens += seq.num_prompt_tokens
+        elif seq.last_token_time is not None:
+            stats.inter_token_latencies.append(now - seq.last_token_time)
+        seq.last_token_time = now
+
+    def _retire(self, request: _Request, now: float, stats: StepStats | None) -> None:
+        """Drop a finished request's state; record its stats."""
+        first = request.choices[0].seq
+        for choice in request.choices:
+            self._choices.pop(choice.seq.seq_id, None)
+            self.runner.release(choice.seq.seq_id)
+        record = RequestStats(
+            finish_reason=first.finish_reason.value,
+            num_prompt_tokens=first.num_prompt_tokens,
+            num_generation_tokens=sum(c.seq.num_output_tokens for c in request.choices),
+            queue_time=(request.first_scheduled_time or now) - request.arrival_time,
+            time_to_first_token=None if request.first_token_time is None else request.first_token_time - request.arrival_time,
+            e2e_latency=now - request.arrival_time,
+        )
+        (stats.finished if stats is not None else self._retired).append(record)
+
+    # ---- offline ------------------------------------------------------------------------------
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[ChoiceDelta]]:
+        """Run prompts to completion. Returns, per prompt, one merged delta per choice."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [f"gen-{uuid.uuid4().hex[:8]}-{i}" for i in range(len(prompts))]
+        for request_id, prompt, p in zip(ids, prompts, params_list):
+            self.add_request(request_id, prompt, _copy(p))
+        merged: dict[tuple[str, int], ChoiceDelta] = {}
+        while self.has_unfinished():
+            deltas, _ = self.step()
+            for d in deltas:
+                merge_delta(merged, d)
+        return [[merged[(rid, i)] for i in range(p.n)] for rid, p in zip(ids, params_list)]
+
+
+def merge_delta(merged: dict[tuple[str, int], ChoiceDelta], delta: ChoiceDelta) -> None:
+    """Accumulate one step's delta into the running total of its choice."""
+    key = (delta.request_id, delta.index)
+    if key not in merged:
+        merged[key] = ChoiceDelta(delta.request_id, delta.index, [], "", None if delta.logprobs is None else [])
+    total = merged[key]
+    total.token_ids += delta.token_ids
+    total.text += delta.text
+    if delta.logprobs is not None:
+        total.logprobs = (total.logprobs or []) + delta.logprobs
+    if delta.prompt_logprobs is not None:
+        total.prompt_logprobs = delta.prompt_logprobs
+    total.finish_reason = delta.finish_reason
+    total.num_prompt_tokens, total.num_output_tokens = delta.num_prompt_tokens, delta.num_output_tokens
+    total.num_cached_tokens = delta.num_cached_tokens
+
+
+def _copy(params: SamplingParams) -> SamplingParams:
+    from dataclasses import replace
+
+    return replace(params, stop=list(params.stop), stop_token_ids=list(params.stop_token_ids))

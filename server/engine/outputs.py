@@ -1,0 +1,61 @@
+"""Plain records the engine hands out: per-step deltas of each choice, and stats for metrics.
+
+Nothing here knows about HTTP or Prometheus; the API layer turns deltas into OpenAI chunks and
+the metrics layer turns stats into counters and histograms.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+TokenLogprobs = tuple[float, list[tuple[int, float]]]  # chosen token's logprob, top-k (id, logprob)
+
+
+@dataclass(slots=True)
+class ChoiceDelta:
+    """What one choice (sequence) of a request produced in one engine step."""
+
+    request_id: str
+    index: int                                  # choice index within the request (n > 1)
+    token_ids: list[int]                        # tokens sampled this step
+    text: str                                   # newly completed text, stop strings cut, never half a UTF-8 char
+    logprobs: list[TokenLogprobs] | None = None  # one per token in token_ids, when asked for
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # once, when the prompt was scored
+    finish_reason: str | None = None            # "stop" | "length" | "abort" once finished
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0                  # all tokens generated so far by this choice
+    num_cached_tokens: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(slots=True)
+class RequestStats:
+    """Timings and sizes of one finished request (all its choices), for histograms."""
+
+    finish_reason: str
+    num_prompt_tokens: int
+    num_generation_tokens: int
+    queue_time: float            # arrival -> first scheduled
+    time_to_first_token: float | None
+    e2e_latency: float
+
+
+@dataclass(slots=True)
+class StepStats:
+    """One engine step, as the metrics layer wants it."""
+
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    num_preemptions: int = 0            # in this step
+    num_prompt_tokens: int = 0          # prompt tokens of requests that got their first token
+    num_generation_tokens: int = 0      # tokens sampled in this step
+    num_prefix_queried_tokens: int = 0  # in this step
+    num_prefix_hit_tokens: int = 0
+    batch_size: int = 0                 # sequences in the forward pass
+    num_batched_tokens: int = 0         # tokens in the forward pass
+    time_to_first_tokens: list[float] = field(default_factory=list)
+    inter_token_latencies: list[float] = field(default_factory=list)
+    finished: list[RequestStats] = field(default_factory=list)
