@@ -55,18 +55,17 @@ def gguf_tokenizer(reader) -> Tokenizer:
         raise ValueError(f"GGUF tokenizer.ggml.model {model!r} is not supported (only 'gpt2', "
                          "byte-level BPE); serve the Hugging Face checkpoint directory instead")
     tokens = _field(reader, "tokenizer.ggml.tokens")
-    token_types = _field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
     merges = _field(reader, "tokenizer.ggml.merges")
     if tokens is None or merges is None:
         raise ValueError("this GGUF file's BPE tokenizer lacks tokenizer.ggml.tokens or "
                          "tokenizer.ggml.merges; re-convert it with llama.cpp's convert_hf_to_gguf.py")
+    token_types = _field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)  # 1: normal
     backend = _bpe_backend(tokens, merges, _pre_type(reader))
     backend.add_special_tokens(_added_tokens(tokens, token_types, CONTROL))
     backend.add_tokens(_added_tokens(tokens, token_types, USER_DEFINED))
-    eos_token_id = _field(reader, "tokenizer.ggml.eos_token_id")
     return HFTokenizer(backend,
                        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
-                       eos_token_id=eos_token_id,
+                       eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"),
                        stop_token_ids=_end_of_generation_ids(reader, tokens, token_types),
                        add_bos_token=bool(_field(reader, "tokenizer.ggml.add_bos_token")),
                        chat_template=_field(reader, "tokenizer.chat_template"))

@@ -440,6 +440,13 @@ def test_gguf_without_tokenizer():
         tokenizer_from_gguf(FakeGGUFReader({"general.architecture": "llama"}))
 
 
+def test_gguf_without_merges():
+    reader = gpt2_vocab_as_gguf()
+    del reader.fields["tokenizer.ggml.merges"]
+    with pytest.raises(ValueError, match="lacks tokenizer.ggml.tokens or tokenizer.ggml.merges"):
+        tokenizer_from_gguf(reader)
+
+
 def test_gguf_with_unsupported_tokenizer_model():
     with pytest.raises(ValueError, match="'llama' is not supported"):
         tokenizer_from_gguf(gpt2_vocab_as_gguf(**{"tokenizer.ggml.model": "llama"}))
