@@ -1,0 +1,90 @@
+"""`nanoserve serve` flags, each also read from NANOSERVE_<FLAG> in the environment.
+
+Parsed once into a ServerConfig (HTTP settings) plus an EngineConfig, passed down from there.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field
+
+from models.loader import DEFAULT_MODEL
+from server.config import EngineConfig
+
+
+@dataclass
+class ServerConfig:
+    model: str = DEFAULT_MODEL
+    served_model_name: str | None = None   # None: the --model string
+    host: str = "127.0.0.1"
+    port: int = 8000
+    dtype: str = "auto"
+    device: str | None = None
+    api_key: str | None = None
+    max_queue: int = 1024                  # waiting requests before 429
+    max_request_bytes: int = 1 << 20       # bodies above this get 413
+    log_level: str = "info"
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model
+
+
+def _env(name: str, default):
+    return os.environ.get("NANOSERVE_" + name.upper().replace("-", "_"), default)
+
+
+def _env_bool(name: str, default: bool) -> bool:
+    value = _env(name, None)
+    return default if value is None else value.strip().lower() in ("1", "true", "yes", "on")
+
+
+def _parse_bytes(text: str) -> int:
+    """'2GiB', '512MiB', '1e9' or a plain number of bytes."""
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
+    lowered = str(text).strip().lower()
+    for unit, scale in units.items():
+        if lowered.endswith(unit):
+            return int(float(lowered[: -len(unit)]) * scale)
+    return int(float(lowered))
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    """Every serve flag, with its NANOSERVE_<FLAG> environment default."""
+    e = EngineConfig()
+    p.add_argument("--model", default=_env("model", DEFAULT_MODEL), help="model spec (env NANOSERVE_MODEL)")
+    p.add_argument("--served-model-name", default=_env("served_model_name", None), help="name clients use (default: --model)")
+    p.add_argument("--host", default=_env("host", "127.0.0.1"))
+    p.add_argument("--port", type=int, default=int(_env("port", 8000)))
+    p.add_argument("--dtype", default=_env("dtype", "auto"), choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--device", default=_env("device", None), help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--max-model-len", type=int, default=_opt_int(_env("max_model_len", None)), help="default: the checkpoint's context length")
+    p.add_argument("--max-num-seqs", type=int, default=int(_env("max_num_seqs", e.max_num_seqs)))
+    p.add_argument("--max-num-batched-tokens", type=int, default=int(_env("max_num_batched_tokens", e.max_num_batched_tokens)))
+    p.add_argument("--block-size", type=int, default=int(_env("block_size", e.block_size)))
+    p.add_argument("--kv-cache-memory", type=_parse_bytes, default=_parse_bytes(_env("kv_cache_memory", e.kv_cache_memory)), help="bytes for the KV pool, e.g. 2GiB")
+    p.add_argument("--num-kv-blocks", type=int, default=_opt_int(_env("num_kv_blocks", None)), help="explicit pool size (overrides --kv-cache-memory)")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=_env_bool("enable_prefix_caching", True))
+    p.add_argument("--max-queue", type=int, default=int(_env("max_queue", 1024)), help="waiting requests before 429")
+    p.add_argument("--max-request-bytes", type=int, default=int(_env("max_request_bytes", 1 << 20)), help="larger bodies get 413")
+    p.add_argument("--api-key", default=_env("api_key", None), help="require 'Authorization: Bearer KEY' on /v1/*")
+    p.add_argument("--log-level", default=_env("log_level", "info"), choices=["debug", "info", "warning", "error"])
+
+
+def _opt_int(value) -> int | None:
+    return None if value in (None, "") else int(value)
+
+
+def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
+    engine = EngineConfig(
+        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
+        kv_cache_memory=args.kv_cache_memory, num_kv_blocks=args.num_kv_blocks,
+        enable_prefix_caching=args.enable_prefix_caching,
+    )
+    return ServerConfig(
+        model=args.model, served_model_name=args.served_model_name, host=args.host, port=args.port,
+        dtype=args.dtype, device=args.device, api_key=args.api_key, max_queue=args.max_queue,
+        max_request_bytes=args.max_request_bytes, log_level=args.log_level, engine=engine,
+    )

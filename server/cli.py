@@ -1,0 +1,90 @@
+"""`nanoserve` entry point: serve, generate, bench. Each subcommand parses its flags here and
+hands plain config objects to the module that does the work."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from models.loader import DEFAULT_MODEL
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="nanoserve", description="A small, readable LLM inference server.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_serve(sub)
+    _add_generate(sub)
+    _add_bench(sub)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(args, "log_level", "INFO").upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    return args.run(args) or 0
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help="smollm2-135m-instruct, random:<preset>, an HF dir, a .gguf or a nanoGPT ckpt.pt")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--log-level", default="info")
+
+
+def _add_serve(sub) -> None:
+    from server.api.server_config import add_serve_arguments
+
+    p = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
+    add_serve_arguments(p)
+    p.set_defaults(run=_run_serve)
+
+
+def _run_serve(args) -> int:
+    from server.api.server import serve
+
+    return serve(args)
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate a continuation of one prompt")
+    _add_model_flags(p)
+    p.add_argument("prompt")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message through the chat template")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=-1)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--ignore-eos", action="store_true")
+    p.set_defaults(run=_run_generate)
+
+
+def _run_generate(args) -> int:
+    from server.generate import generate_to_stdout
+
+    return generate_to_stdout(args)
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="offline throughput benchmark (vLLM bench throughput style)")
+    _add_model_flags(p)
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--scenario", choices=["random", "shared-prefix"], default="random",
+                   help="shared-prefix: every prompt starts with the same input-len/2 tokens")
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--num-kv-blocks", type=int, default=None)
+    p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
+    p.add_argument("--baseline", choices=["none", "hf", "naive"], default="none",
+                   help="also run the same workload through HF generate (static batches) or the naive no-cache loop")
+    p.add_argument("--json", dest="json_path", default=None, help="write the results as JSON here")
+    p.set_defaults(run=_run_bench)
+
+
+def _run_bench(args) -> int:
+    from server.bench import run_bench
+
+    return run_bench(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
