@@ -47,6 +47,7 @@ class _Request:
     request_id: str
     arrival_time: float
     choices: list[_Choice] = field(default_factory=list)
+    pending: list[Sequence] = field(default_factory=list)  # choices 1..n-1, queued once the prompt is cached
     first_token_time: float | None = None
     first_scheduled_time: float | None = None
 
@@ -103,7 +104,10 @@ class Engine:
         request = _Request(request_id, arrival)
         for index in range(params.n):
             seq = Sequence(next(self._seq_ids), request_id, prompt_token_ids, params, arrival)
-            self.scheduler.add(seq)  # every child passes the same check, so all or none are queued
+            if index == 0 or not self.config.enable_prefix_caching:
+                self.scheduler.add(seq)  # every choice passes the same check: all or none queued
+            else:
+                request.pending.append(seq)
             choice = _Choice(seq, index, IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens),
                              StopChecker(params.stop))
             if params.prompt_logprobs is not None:
@@ -114,9 +118,15 @@ class Engine:
 
     def abort(self, request_id: str) -> None:
         """Cancel a request; its blocks are freed now and a final "abort" delta comes next step."""
-        for seq in self.scheduler.abort(request_id):
+        request = self.requests.get(request_id)
+        pending = request.pending if request else []
+        for seq in pending:
+            self.scheduler.finish(seq, FinishReason.ABORT)
+        for seq in self.scheduler.abort(request_id) + pending:
             choice = self._choices[seq.seq_id]
             self._aborted.append(self._delta(choice, [], "", None))
+        if request:
+            request.pending = []
         if request_id in self.requests and all(c.seq.is_finished for c in self.requests[request_id].choices):
             self._retire(self.requests.pop(request_id), time.monotonic(), None)
 
@@ -140,12 +150,23 @@ class Engine:
                     request.first_scheduled_time = now
             result = self.runner.execute(output, {s: c.index for s, c in self._choices.items()})
             self.scheduler.update_after_step(output)
+            self._fork_pending_choices(output)
             deltas += self._postprocess(result, stats)
             stats.batch_size, stats.num_batched_tokens = len(output.chunks), output.num_batched_tokens
         stats.num_preemptions = self.scheduler.num_preemptions - preemptions_before
         stats.num_running, stats.num_waiting = self.scheduler.num_running, self.scheduler.num_waiting
         stats.kv_cache_usage = self.block_manager.usage
         return deltas, stats
+
+    def _fork_pending_choices(self, output) -> None:
+        """n > 1: once the first choice has its prompt in the cache, queue the others first in
+        line; they reuse the prompt's full blocks through the prefix cache."""
+        for chunk in output.chunks:
+            request = self.requests.get(chunk.seq.request_id)
+            if request and request.pending and chunk.seq.num_computed_tokens >= chunk.seq.num_prompt_tokens:
+                for seq in reversed(request.pending):
+                    self.scheduler.add(seq, front=True)
+                request.pending = []
 
     def _postprocess(self, result: StepResult, stats: StepStats) -> list[ChoiceDelta]:
         """Append sampled tokens, detokenize, check stops, free what finished."""

@@ -87,18 +87,22 @@ class Scheduler:
         """Returns: True while any sequence is waiting or running."""
         return bool(self.waiting or self.running)
 
-    def add(self, seq: Sequence) -> None:
-        """Queue a new sequence at the back of `waiting`.
+    def add(self, seq: Sequence, front: bool = False) -> None:
+        """Queue a new sequence at the back of `waiting` (or the front, for forked choices).
 
         Args:
             seq: a fresh sequence.
+            front: queue it first, e.g. the sibling choices of a request already running.
         Raises:
             RequestRejected: prompt + max_tokens exceed the context length, or the blocks for
                 them exceed the whole KV pool (the request could never run).
         """
         self._check_admissible(seq)
         seq.status = SequenceStatus.WAITING
-        self.waiting.append(seq)
+        if front:
+            self.waiting.appendleft(seq)
+        else:
+            self.waiting.append(seq)
 
     def _check_admissible(self, seq: Sequence) -> None:
         # max_tokens None reserves nothing: the engine stops such a seq at the context length.
