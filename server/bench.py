@@ -1,0 +1,152 @@
+"""`nanoserve bench`: offline throughput, vLLM `bench throughput` style, in hardware terms.
+
+All prompts are queued at once and the engine runs them to completion (fixed output length,
+ignore_eos). Besides requests/s and tokens/s it times every step, and for the pure decode steps
+compares the achieved matmul GFLOP/s with a GEMM peak measured on the spot (gpt-fast style):
+"roofline" is the time the step's matrix multiplies alone would take at that peak divided by
+the step's real time. Medians of per-step times, never one total, because shared machines drift.
+"""
+from __future__ import annotations
+
+import json
+import random
+import resource
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from models.loader import LoadedModel, load_model
+from server.config import EngineConfig
+from server.engine.engine import Engine
+from server.engine.sampling_params import SamplingParams
+
+
+@dataclass
+class BenchResult:
+    name: str
+    num_prompts: int
+    input_len: int
+    output_len: int
+    elapsed_s: float
+    requests_per_s: float
+    output_tokens_per_s: float
+    total_tokens_per_s: float
+    extra: dict = field(default_factory=dict)
+
+
+def make_prompts(num: int, input_len: int, vocab_size: int, shared_prefix: bool, seed: int = 0) -> list[list[int]]:
+    """Random token prompts; with shared_prefix the first half of every prompt is the same."""
+    rng = random.Random(seed)
+    high = min(vocab_size, 50000)
+    prefix = [rng.randrange(high) for _ in range(input_len // 2)] if shared_prefix else []
+    return [prefix + [rng.randrange(high) for _ in range(input_len - len(prefix))] for _ in range(num)]
+
+
+def gemm_peak_gflops(dtype: torch.dtype, device: torch.device, n: int = 2048, repeats: int = 5) -> float:
+    """Best-of-`repeats` GFLOP/s of an n x n x n matmul in the run dtype."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        torch.mm(a, b)
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+def matmul_params_per_token(model: torch.nn.Module) -> int:
+    """Weights every decoded token multiplies by: all Linear layers incl. the LM head."""
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def run_engine(loaded: LoadedModel, prompts: list[list[int]], output_len: int, config: EngineConfig) -> BenchResult:
+    engine = Engine(loaded, config)
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"bench-{i}", prompt, params)
+    decode_steps: dict[int, list[float]] = {}
+    start = time.perf_counter()
+    while engine.has_unfinished():
+        step_start = time.perf_counter()
+        _, stats = engine.step()
+        _sync(loaded.device)
+        if stats.batch_size and stats.num_batched_tokens == stats.batch_size:  # decode only
+            decode_steps.setdefault(stats.batch_size, []).append(time.perf_counter() - step_start)
+    elapsed = time.perf_counter() - start
+    num_out = len(prompts) * output_len
+    num_in = sum(len(p) for p in prompts)
+    extra = {"decode_step_ms_median": {b: round(1000 * statistics.median(t), 2) for b, t in sorted(decode_steps.items())},
+             "decode_step_counts": {b: len(t) for b, t in sorted(decode_steps.items())},
+             "preemptions": engine.scheduler.num_preemptions,
+             "prefix_hit_tokens": engine.block_manager.num_prefix_hit_tokens}
+    return BenchResult("nanoserve", len(prompts), len(prompts[0]), output_len, elapsed,
+                       len(prompts) / elapsed, num_out / elapsed, (num_in + num_out) / elapsed, extra)
+
+
+def roofline(loaded: LoadedModel, result: BenchResult, peak_gflops: float) -> dict:
+    """Achieved matmul GFLOP/s of the median decode step at the most frequent batch size."""
+    steps, counts = result.extra["decode_step_ms_median"], result.extra["decode_step_counts"]
+    if not steps:
+        return {}
+    batch = max(counts, key=lambda b: (counts[b], b))
+    step_s = steps[batch] / 1000
+    flops = 2 * matmul_params_per_token(loaded.model) * batch
+    gemm_only_s = flops / (peak_gflops * 1e9)
+    return {"decode_batch": batch, "decode_step_ms": round(step_s * 1000, 2),
+            "achieved_gflops": round(flops / step_s / 1e9, 1), "peak_gflops": round(peak_gflops, 1),
+            "roofline_fraction": round(gemm_only_s / step_s, 3)}
+
+
+def run_bench(args) -> int:
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    torch.manual_seed(0)
+    prompts = make_prompts(args.num_prompts, args.input_len, loaded.tokenizer.vocab_size, args.scenario == "shared-prefix")
+    config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                          num_kv_blocks=args.num_kv_blocks, enable_prefix_caching=args.enable_prefix_caching)
+    peak = gemm_peak_gflops(loaded.dtype, loaded.device)
+    results = [run_engine(loaded, prompts, args.output_len, config)]
+    results[0].extra.update(roofline(loaded, results[0], peak))
+    results[0].extra["peak_rss_gib"] = round(peak_rss_gib(), 2)
+    if args.baseline == "hf":
+        from server.bench_baselines import run_hf_generate
+
+        results.append(run_hf_generate(loaded, prompts, args.output_len))
+    elif args.baseline == "naive":
+        from server.bench_baselines import run_naive
+
+        results.append(run_naive(loaded, prompts, args.output_len))
+    print_results(args, loaded, results)
+    if args.json_path:
+        with open(args.json_path, "w") as f:
+            json.dump([asdict(r) for r in results], f, indent=2)
+    return 0
+
+
+def print_results(args, loaded: LoadedModel, results: list[BenchResult]) -> None:
+    dtype = str(loaded.dtype).removeprefix("torch.")
+    print(f"model {args.model} ({dtype}, {loaded.device}), {args.num_prompts} prompts x "
+          f"{args.input_len} in + {args.output_len} out, scenario {args.scenario}, torch threads {torch.get_num_threads()}")
+    for r in results:
+        print(f"  {r.name:<22} {r.requests_per_s:8.2f} req/s  {r.output_tokens_per_s:9.1f} output tok/s  "
+              f"{r.total_tokens_per_s:9.1f} total tok/s  ({r.elapsed_s:.1f}s)")
+        for key, value in r.extra.items():
+            print(f"      {key}: {value}")
+    if len(results) > 1:
+        ratio = results[0].output_tokens_per_s / results[1].output_tokens_per_s
+        print(f"  nanoserve / {results[1].name}: {ratio:.2f}x output tokens/s")
+    sys.stdout.flush()
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
