@@ -1,0 +1,1 @@
+"""Load harness: Locust users and scenarios, the headless concurrency sweep, its report and plots."""
