@@ -39,6 +39,8 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor | None = None  # (N,) pool slot of each new token; None: no pool
     block_tables: torch.Tensor | None = None  # (S, max_blocks) int64, padded with 0
     decode_key_mask: torch.Tensor | None = None  # (S_dec, 1, 1, L) True where a decode may attend
+    decode_block_ids: torch.Tensor | None = None  # (S_dec * L/BS,) the decodes' padded block tables, flat
+    workspace: "DecodeWorkspace | None" = None    # reusable gather buffers (None: allocate per call)
 
     @property
     def num_seqs(self) -> int:
@@ -84,7 +86,24 @@ def build_attention_metadata(
         key_pos = torch.arange(dec_blocks * block_size, device=device)  # (L,)
         dec_lens = torch.tensor(seq_lens[:num_decodes], device=device)  # (S_dec,)
         meta.decode_key_mask = (key_pos[None, :] < dec_lens[:, None])[:, None, None, :]  # (S_dec,1,1,L)
+        meta.decode_block_ids = meta.block_tables[:num_decodes, :dec_blocks].flatten()  # (S_dec*L/BS,)
     return meta
+
+
+class DecodeWorkspace:
+    """Gather buffers reused across layers and steps, so decode attention allocates nothing."""
+
+    def __init__(self) -> None:
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def buffers(self, num_blocks: int, pool: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two (num_blocks, BS, KVH, D) views, grown when a step needs more."""
+        if self.k is None or self.k.shape[0] < num_blocks or self.k.dtype != pool.dtype:
+            rows = max(num_blocks, 2 * (0 if self.k is None else self.k.shape[0]))
+            self.k = pool.new_empty(rows, *pool.shape[1:])
+            self.v = pool.new_empty(rows, *pool.shape[1:])
+        return self.k[:num_blocks], self.v[:num_blocks]
 
 
 def paged_attention(
@@ -148,9 +167,15 @@ def _decode_attention(q: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadat
     k_pool, v_pool = kv_cache
     mask = meta.decode_key_mask  # (S, 1, 1, L)
     num_seqs, num_keys = mask.shape[0], mask.shape[-1]
-    tables = meta.block_tables[:num_seqs, : num_keys // k_pool.shape[1]]  # (S, L/BS)
-    keys = k_pool[tables].flatten(1, 2).transpose(1, 2)  # (S, L/BS, BS, KVH, D) -> (S, KVH, L, D)
-    values = v_pool[tables].flatten(1, 2).transpose(1, 2)
+    ids = meta.decode_block_ids  # (S * L/BS,)
+    if meta.workspace is None:
+        k_rows, v_rows = k_pool.index_select(0, ids), v_pool.index_select(0, ids)  # (S*L/BS, BS, KVH, D)
+    else:
+        k_rows, v_rows = meta.workspace.buffers(ids.numel(), k_pool)
+        torch.index_select(k_pool, 0, ids, out=k_rows)
+        torch.index_select(v_pool, 0, ids, out=v_rows)
+    keys = k_rows.view(num_seqs, num_keys, *k_pool.shape[2:]).transpose(1, 2)  # (S, KVH, L, D)
+    values = v_rows.view(num_seqs, num_keys, *v_pool.shape[2:]).transpose(1, 2)
     out = F.scaled_dot_product_attention(
         q[:, :, None, :], keys, values, attn_mask=mask, scale=scale, enable_gqa=True
     )  # (S, H, 1, D)

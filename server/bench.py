@@ -62,7 +62,10 @@ def gemm_peak_gflops(dtype: torch.dtype, device: torch.device, n: int = 2048, re
 
 def matmul_params_per_token(model: torch.nn.Module) -> int:
     """Weights every decoded token multiplies by: all Linear layers incl. the LM head."""
-    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    from models.fast_linear import PackedLinear
+
+    linears = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, PackedLinear))]
+    return sum(m.in_features * m.out_features for m in linears)
 
 
 def run_engine(loaded: LoadedModel, prompts: list[list[int]], output_len: int, config: EngineConfig) -> BenchResult:

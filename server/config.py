@@ -17,6 +17,7 @@ class EngineConfig:
     kv_cache_memory: int = 1 * GiB           # bytes for the K/V pool, unless num_kv_blocks is set
     num_kv_blocks: int | None = None
     enable_prefix_caching: bool = True
+    fast_kernels: bool = True                # oneDNN pre-packed linears (CPU bf16); off = plain F.linear
 
     def __post_init__(self) -> None:
         assert self.max_num_seqs >= 1 and self.max_num_batched_tokens >= 1, "budgets must be positive"

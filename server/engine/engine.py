@@ -65,7 +65,7 @@ class Engine:
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
                                    config.max_num_batched_tokens, self.max_model_len)
-        self.runner = ModelRunner(loaded, num_blocks, config.block_size)
+        self.runner = ModelRunner(loaded, num_blocks, config.block_size, config.fast_kernels)
         self.stop_token_ids = set(self.tokenizer.stop_token_ids)
         self.requests: dict[str, _Request] = {}
         self._choices: dict[int, _Choice] = {}  # seq_id -> choice

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from models.attention import build_attention_metadata
+from models.attention import DecodeWorkspace, build_attention_metadata
+from models.fast_linear import pack_linear_layers
 from models.loader import LoadedModel
 from server.engine.sampler import Sampler, SamplingRow, prompt_logprobs
 from server.engine.scheduler import ScheduledChunk, SchedulerOutput
@@ -48,7 +49,7 @@ class StepResult:
 class ModelRunner:
     """Owns the model, its paged KV pool and the sampler."""
 
-    def __init__(self, loaded: LoadedModel, num_blocks: int, block_size: int):
+    def __init__(self, loaded: LoadedModel, num_blocks: int, block_size: int, fast_kernels: bool = True):
         self.model, self.device, self.block_size = loaded.model, loaded.device, block_size
         self.stop_token_ids = list(loaded.tokenizer.stop_token_ids)
         spec = self.model.kv_cache_spec
@@ -59,6 +60,9 @@ class ModelRunner:
             for _ in range(spec.num_layers)
         ]
         self.model.bind_kv_cache(self.kv_caches)
+        self.workspace = DecodeWorkspace()
+        if fast_kernels:
+            pack_linear_layers(self.model)
         self.sampler = Sampler()
         self.generators: dict[int, torch.Generator] = {}
 
@@ -82,6 +86,7 @@ class ModelRunner:
             seq_lens.append(start + chunk.num_new_tokens)
         meta = build_attention_metadata(query_lens, seq_lens, [c.seq.block_table for c in chunks],
                                         self.block_size, self.device)
+        meta.workspace = self.workspace
         hidden = self.model(
             torch.tensor(input_ids, device=self.device),  # (N,)
             torch.tensor(positions, device=self.device),  # (N,)
