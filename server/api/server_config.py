@@ -24,6 +24,7 @@ class ServerConfig:
     max_queue: int = 1024                  # waiting requests before 429
     max_request_bytes: int = 1 << 20       # bodies above this get 413
     log_level: str = "info"
+    shutdown_timeout_s: float = 30.0       # SIGTERM: in-flight requests get this long to finish
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     @property
@@ -69,6 +70,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue", type=int, default=int(_env("max_queue", 1024)), help="waiting requests before 429")
     p.add_argument("--max-request-bytes", type=int, default=int(_env("max_request_bytes", 1 << 20)), help="larger bodies get 413")
     p.add_argument("--api-key", default=_env("api_key", None), help="require 'Authorization: Bearer KEY' on /v1/*")
+    p.add_argument("--shutdown-timeout", type=float, default=float(_env("shutdown_timeout", 30)),
+                   help="seconds in-flight requests get to finish after SIGTERM before they are aborted")
     p.add_argument("--log-level", default=_env("log_level", "info"), choices=["debug", "info", "warning", "error"])
 
 
@@ -86,5 +89,6 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(
         model=args.model, served_model_name=args.served_model_name, host=args.host, port=args.port,
         dtype=args.dtype, device=args.device, api_key=args.api_key, max_queue=args.max_queue,
-        max_request_bytes=args.max_request_bytes, log_level=args.log_level, engine=engine,
+        max_request_bytes=args.max_request_bytes, log_level=args.log_level,
+        shutdown_timeout_s=args.shutdown_timeout, engine=engine,
     )

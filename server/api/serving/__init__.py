@@ -1,0 +1,1 @@
+"""Request handling behind the thin routes: completions, chat completions, tokenization."""
