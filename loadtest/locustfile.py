@@ -58,6 +58,18 @@ def _on_init(environment: Environment, **_) -> None:
         environment.tags = [options.scenario]     # read once, when the runner first starts
 
 
+@events.quitting.add_listener
+def _let_csv_catch_up(environment: Environment, **_) -> None:
+    """Locust rewrites its --csv files once a second and not at exit; the requests that users
+    finished during --stop-timeout would be missing. Yield for one more rewrite."""
+    options = environment.parsed_options
+    if options and getattr(options, "csv_prefix", None):
+        import gevent
+        from locust.stats import CSV_STATS_INTERVAL_SEC
+
+        gevent.sleep(CSV_STATS_INTERVAL_SEC + 0.2)
+
+
 class ServerInfo:
     """Model name, context length and tokens per prompt word, asked of the server once per process."""
 

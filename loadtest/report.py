@@ -157,7 +157,8 @@ def plot_ttft_distribution(ttfts_by_users: dict[int, list[float]], path: Path, t
     ax.set_ylabel("fraction of requests")
     ax.set_title(f"TTFT distribution\n{title}", fontsize=10)
     ax.grid(alpha=0.3, which="both")
-    ax.legend()
+    if ax.lines:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
