@@ -15,6 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_serve(sub)
     _add_generate(sub)
     _add_bench(sub)
+    _add_loadtest(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(args, "log_level", "INFO").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -84,6 +85,20 @@ def _run_bench(args) -> int:
     from server.bench import run_bench
 
     return run_bench(args)
+
+
+def _add_loadtest(sub) -> None:
+    from loadtest.sweep import add_sweep_arguments
+
+    p = sub.add_parser("loadtest", help="Locust concurrency sweep against a server: CSVs, summary.json, plots")
+    add_sweep_arguments(p)
+    p.set_defaults(run=_run_loadtest)
+
+
+def _run_loadtest(args) -> int:
+    from loadtest.sweep import run
+
+    return run(args)
 
 
 if __name__ == "__main__":

@@ -155,3 +155,12 @@ def test_locustfile_loads_with_its_users_and_tagged_tasks():
                          capture_output=True, text=True, cwd=REPO, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "ChatUser" in out.stdout and "CompletionUser" in out.stdout
+
+
+def test_nanoserve_loadtest_subcommand_takes_the_sweep_flags(capsys):
+    from server.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["loadtest", "--help"])
+    assert exit_info.value.code == 0
+    assert "--levels" in capsys.readouterr().out
