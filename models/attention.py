@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from models.fused_attention import fused_decode_attention
+
 KVCache = tuple[torch.Tensor, torch.Tensor]  # k, v pools: (NB, BS, KVH, D) each
 
 
@@ -41,6 +43,8 @@ class AttentionMetadata:
     decode_key_mask: torch.Tensor | None = None  # (S_dec, 1, 1, L) True where a decode may attend
     decode_block_ids: torch.Tensor | None = None  # (S_dec * L/BS,) the decodes' padded block tables, flat
     workspace: "DecodeWorkspace | None" = None    # reusable gather buffers (None: allocate per call)
+    decode_seq_lens: torch.Tensor | None = None   # (S_dec,) int64, for the fused kernel
+    use_fused_decode: bool = False                # models/fused_attention.py instead of gather + SDPA
 
     @property
     def num_seqs(self) -> int:
@@ -85,6 +89,7 @@ def build_attention_metadata(
         dec_blocks = max(len(t) for t in block_tables[:num_decodes])
         key_pos = torch.arange(dec_blocks * block_size, device=device)  # (L,)
         dec_lens = torch.tensor(seq_lens[:num_decodes], device=device)  # (S_dec,)
+        meta.decode_seq_lens = dec_lens
         meta.decode_key_mask = (key_pos[None, :] < dec_lens[:, None])[:, None, None, :]  # (S_dec,1,1,L)
         meta.decode_block_ids = meta.block_tables[:num_decodes, :dec_blocks].flatten()  # (S_dec*L/BS,)
     return meta
@@ -119,7 +124,9 @@ def paged_attention(
         write_kv(k, v, kv_cache, meta.slot_mapping)
     out = torch.empty_like(q)  # (N, H, D)
     num_dec = meta.num_decodes
-    if num_dec:
+    if num_dec and meta.use_fused_decode:
+        out[:num_dec] = fused_decode_attention(q[:num_dec], kv_cache, meta.block_tables[:num_dec], meta.decode_seq_lens, scale)
+    elif num_dec:
         out[:num_dec] = _decode_attention(q[:num_dec], kv_cache, meta, scale)
     starts, seq_lens = meta.query_start_loc, meta.seq_lens
     for s in range(num_dec, meta.num_seqs):

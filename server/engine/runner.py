@@ -16,6 +16,7 @@ import torch
 
 from models.attention import DecodeWorkspace, build_attention_metadata
 from models.fast_linear import pack_linear_layers
+from models.fused_attention import decode_kernel
 from models.loader import LoadedModel
 from server.engine.sampler import Sampler, SamplingRow, prompt_logprobs
 from server.engine.scheduler import ScheduledChunk, SchedulerOutput
@@ -61,8 +62,10 @@ class ModelRunner:
         ]
         self.model.bind_kv_cache(self.kv_caches)
         self.workspace = DecodeWorkspace()
+        self.use_fused_decode = False
         if fast_kernels:
             pack_linear_layers(self.model)
+            self.use_fused_decode = self.device.type == "cpu" and decode_kernel() is not None
         self.sampler = Sampler()
         self.generators: dict[int, torch.Generator] = {}
 
@@ -86,7 +89,7 @@ class ModelRunner:
             seq_lens.append(start + chunk.num_new_tokens)
         meta = build_attention_metadata(query_lens, seq_lens, [c.seq.block_table for c in chunks],
                                         self.block_size, self.device)
-        meta.workspace = self.workspace
+        meta.workspace, meta.use_fused_decode = self.workspace, self.use_fused_decode
         hidden = self.model(
             torch.tensor(input_ids, device=self.device),  # (N,)
             torch.tensor(positions, device=self.device),  # (N,)
