@@ -84,7 +84,9 @@ def run_engine(loaded: LoadedModel, prompts: list[list[int]], output_len: int, c
     elapsed = time.perf_counter() - start
     num_out = len(prompts) * output_len
     num_in = sum(len(p) for p in prompts)
-    extra = {"decode_step_ms_median": {b: round(1000 * statistics.median(t), 2) for b, t in sorted(decode_steps.items())},
+    kv_bytes = sum(k.numel() * k.element_size() * 2 for k, _ in engine.runner.kv_caches)
+    extra = {"kv_cache_gib": round(kv_bytes / 2**30, 2),
+             "decode_step_ms_median": {b: round(1000 * statistics.median(t), 2) for b, t in sorted(decode_steps.items())},
              "decode_step_counts": {b: len(t) for b, t in sorted(decode_steps.items())},
              "preemptions": engine.scheduler.num_preemptions,
              "prefix_hit_tokens": engine.block_manager.num_prefix_hit_tokens}
@@ -116,6 +118,8 @@ def run_bench(args) -> int:
     results = [run_engine(loaded, prompts, args.output_len, config)]
     results[0].extra.update(roofline(loaded, results[0], peak))
     results[0].extra["peak_rss_gib"] = round(peak_rss_gib(), 2)
+    results[0].extra["weights_gib"] = round(weights_gib(loaded.model), 2)
+    results[0].extra["kv_cache_gib"] = results[0].extra.pop("kv_cache_gib")
     if args.baseline == "hf":
         from server.bench_baselines import run_hf_generate
 
@@ -148,6 +152,10 @@ def print_results(args, loaded: LoadedModel, results: list[BenchResult]) -> None
 
 def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def weights_gib(model: torch.nn.Module) -> float:
+    return sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
 
 
 def _sync(device: torch.device) -> None:

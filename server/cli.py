@@ -17,9 +17,19 @@ def main(argv: list[str] | None = None) -> int:
     _add_bench(sub)
     _add_loadtest(sub)
     args = parser.parse_args(argv)
+    _use_all_cores()
     logging.basicConfig(level=getattr(args, "log_level", "INFO").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     return args.run(args) or 0
+
+
+def _use_all_cores() -> None:
+    """torch intra-op threads = the cores this process may run on; the engine itself is one thread."""
+    import os
+
+    import torch
+
+    torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
