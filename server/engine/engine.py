@@ -103,7 +103,7 @@ class Engine:
         arrival = arrival_time if arrival_time is not None else time.monotonic()
         request = _Request(request_id, arrival)
         for index in range(params.n):
-            seq = Sequence(next(self._seq_ids), request_id, prompt_token_ids, params, arrival)
+            seq = Sequence(next(self._seq_ids), request_id, prompt_token_ids, params, arrival, index)
             if index == 0 or not self.config.enable_prefix_caching:
                 self.scheduler.add(seq)  # every choice passes the same check: all or none queued
             else:
@@ -148,7 +148,7 @@ class Engine:
                 request = self.requests[chunk.seq.request_id]
                 if request.first_scheduled_time is None:
                     request.first_scheduled_time = now
-            result = self.runner.execute(output, {s: c.index for s, c in self._choices.items()})
+            result = self.runner.execute(output)
             self.scheduler.update_after_step(output)
             self._fork_pending_choices(output)
             deltas += self._postprocess(result, stats)

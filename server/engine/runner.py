@@ -70,12 +70,11 @@ class ModelRunner:
         self.generators: dict[int, torch.Generator] = {}
 
     @torch.inference_mode()
-    def execute(self, output: SchedulerOutput, seed_offsets: dict[int, int]) -> StepResult:
+    def execute(self, output: SchedulerOutput) -> StepResult:
         """Run one forward for every chunk, sample the chunks that end at their last token.
 
         Args:
             output: the scheduler's step; chunks of one query are moved in front (decodes).
-            seed_offsets: seq_id -> index within its request, added to a request's seed (n > 1).
         Returns:
             Sampled tokens (and prompt logprobs) for the caller to append and check.
         """
@@ -98,17 +97,17 @@ class ModelRunner:
         ends = meta.query_start_loc[1:]
         sampling = [i for i, c in enumerate(chunks) if c.samples and c.seq.params.max_tokens != 0]
         rows_at = torch.tensor([ends[i] - 1 for i in sampling], device=self.device, dtype=torch.long)
-        sampled = self._sample(hidden[rows_at], [chunks[i] for i in sampling], seed_offsets)
+        sampled = self._sample(hidden[rows_at], [chunks[i] for i in sampling])
         scored = [self._prompt_logprobs(hidden, meta.query_start_loc[i], c)
                   for i, c in enumerate(chunks) if c.seq.params.prompt_logprobs is not None
                   and c.seq.num_computed_tokens < c.seq.num_prompt_tokens]
         return StepResult(sampled, [s for s in scored if s.entries])
 
-    def _sample(self, hidden: torch.Tensor, chunks: list[ScheduledChunk], seed_offsets: dict[int, int]) -> list[SampledToken]:
+    def _sample(self, hidden: torch.Tensor, chunks: list[ScheduledChunk]) -> list[SampledToken]:
         if not chunks:
             return []
         logits = self.model.compute_logits(hidden)  # (S, C) -> (S, V)
-        rows = [self._sampling_row(c.seq, seed_offsets.get(c.seq.seq_id, 0)) for c in chunks]
+        rows = [self._sampling_row(c.seq) for c in chunks]
         out = self.sampler(logits, rows)
         token_ids = out.token_ids.tolist()
         logprobs = out.logprobs.tolist() if out.logprobs is not None else None
@@ -123,13 +122,13 @@ class ModelRunner:
             results.append(SampledToken(chunk.seq, token_ids[i], entry))
         return results
 
-    def _sampling_row(self, seq: Sequence, seed_offset: int) -> SamplingRow:
+    def _sampling_row(self, seq: Sequence) -> SamplingRow:
         params = seq.params
         generator = None
         if params.seed is not None:
             generator = self.generators.get(seq.seq_id)
             if generator is None:
-                generator = torch.Generator(device=self.device).manual_seed(params.seed + seed_offset)
+                generator = torch.Generator(device=self.device).manual_seed(params.seed + seq.choice_index)
                 self.generators[seq.seq_id] = generator
         stop_ids = ([] if params.ignore_eos else self.stop_token_ids) + list(params.stop_token_ids)
         return SamplingRow(params, seq.prompt_token_ids, seq.output_token_ids, generator, stop_ids)

@@ -44,11 +44,13 @@ class Sequence:
         prompt_token_ids: list[int],
         params: SamplingParams,
         arrival_time: float | None = None,
+        choice_index: int = 0,
     ) -> None:
         assert len(prompt_token_ids) >= 1, "a sequence needs at least one prompt token"
         self.seq_id = seq_id
         self.request_id = request_id
         self.params = params
+        self.choice_index = choice_index  # i-th of a request's n choices (seeds are seed + i)
         self.token_ids: list[int] = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
         self.num_computed_tokens = 0   # tokens whose K/V are in the cache
