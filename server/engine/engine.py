@@ -186,21 +186,20 @@ class Engine:
             logprobs = [sampled.logprobs] if sampled.logprobs is not None else None
             deltas.append(self._finish_or_continue(choice, [sampled.token_id], text, logprobs, reason, now))
         stats.num_generation_tokens = len(result.sampled)
-        deltas += self._finish_scored_prompts(result, now)
+        deltas += self._finish_prompt_only(now)
         for request_id in {d.request_id for d in deltas if d.finished}:
             request = self.requests.get(request_id)
             if request and all(c.seq.is_finished for c in request.choices):
                 self._retire(self.requests.pop(request_id), now, stats)
         return deltas
 
-    def _finish_scored_prompts(self, result: StepResult, now: float) -> list[ChoiceDelta]:
-        """max_tokens == 0 (echo scoring): finish once the whole prompt has been computed."""
+    def _finish_prompt_only(self, now: float) -> list[ChoiceDelta]:
+        """max_tokens == 0 (echo scoring, or a 1-token prompt, or no prompt_logprobs at all):
+        finish once the whole prompt has been computed; nothing is ever sampled."""
         deltas = []
-        for choice in {self._choices[s.seq.seq_id].seq.seq_id: self._choices[s.seq.seq_id]
-                       for s in result.prompt_logprobs}.values():
-            seq = choice.seq
-            if seq.params.max_tokens == 0 and seq.num_computed_tokens >= seq.num_prompt_tokens and not seq.is_finished:
-                deltas.append(self._finish_or_continue(choice, [], "", None, FinishReason.LENGTH, now))
+        for seq in [s for s in self.scheduler.running if s.params.max_tokens == 0]:
+            if seq.num_computed_tokens >= seq.num_prompt_tokens:
+                deltas.append(self._finish_or_continue(self._choices[seq.seq_id], [], "", None, FinishReason.LENGTH, now))
         return deltas
 
     def _check_stop(self, choice: _Choice, token_id: int) -> tuple[str, FinishReason | None]:
