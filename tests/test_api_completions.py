@@ -175,3 +175,10 @@ def test_openai_client_completions_with_extras(tiny_server):
                                        temperature=0, extra_body={"ignore_eos": True})
     assert "".join(chunk.choices[0].text for chunk in stream) == \
         complete(tiny_server, prompt="Hi", max_tokens=5, **GREEDY)["choices"][0]["text"]
+
+
+def test_max_tokens_zero_returns_at_once_even_for_one_token_prompts(tiny_server):
+    out = complete(tiny_server, prompt="hi", max_tokens=0)
+    assert out["choices"][0]["text"] == "" and out["usage"]["completion_tokens"] == 0
+    echoed = complete(tiny_server, prompt="hi", max_tokens=0, echo=True, logprobs=0)["choices"][0]
+    assert echoed["text"] == "hi" and echoed["logprobs"]["token_logprobs"] == [None]

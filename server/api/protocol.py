@@ -86,11 +86,8 @@ class CompletionRequest(SamplingFields):
         return list(self.prompt)
 
     def to_sampling_params(self) -> SamplingParams:
-        # Echo with logprobs scores the prompt too; max_tokens 0 stops right after the prompt,
-        # which the engine only does when it scores the prompt, so ask for that (k = 0: cheap).
+        # Echo with logprobs scores the prompt too (with max_tokens 0: only the prompt).
         prompt_logprobs = self.logprobs if self.echo and self.logprobs is not None else None
-        if self.max_tokens == 0 and prompt_logprobs is None:
-            prompt_logprobs = 0
         return self._sampling_params(self.max_tokens, self.logprobs, prompt_logprobs)
 
 
