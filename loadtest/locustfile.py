@@ -23,9 +23,12 @@ import itertools
 import random
 import threading
 
+import gevent
 import requests
 from locust import User, between, constant, events, tag, task
 from locust.env import Environment
+from locust.exception import StopUser
+from locust.stats import CSV_STATS_INTERVAL_SEC
 
 from loadtest.client import RequestRecord, build_body, endpoint_for, send
 from loadtest.scenarios import SCENARIO_WEIGHTS, SCENARIOS, build_scenario, draw_request, make_text
@@ -64,9 +67,6 @@ def _let_csv_catch_up(environment: Environment, **_) -> None:
     finished during --stop-timeout would be missing. Yield for one more rewrite."""
     options = environment.parsed_options
     if options and getattr(options, "csv_prefix", None):
-        import gevent
-        from locust.stats import CSV_STATS_INTERVAL_SEC
-
         gevent.sleep(CSV_STATS_INTERVAL_SEC + 0.2)
 
 
@@ -125,8 +125,6 @@ class RequestBudget:
     def release(self, limit: int, environment: Environment) -> None:
         self.in_flight -= 1
         if limit and self.claimed >= limit and self.in_flight == 0 and environment.runner:
-            import gevent
-
             gevent.spawn(environment.runner.quit)
 
 
@@ -176,8 +174,6 @@ class NanoserveUser(User):
         self.run_scenario("shared_prefix")
 
     def run_scenario(self, name: str) -> None:
-        from locust.exception import StopUser
-
         o = self.options
         if not _budget.claim(o.max_requests):
             raise StopUser()
