@@ -70,10 +70,18 @@ def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
     first = errors[0]
     if first.get("type") == "json_invalid":
         return f"malformed JSON body: {first.get('ctx', {}).get('error', 'decode error')}", None
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    first = max(errors, key=lambda e: len(e.get("loc", ())))  # a union's most specific failure
+    loc = [str(part) for part in first.get("loc", ()) if part != "body" and not _is_union_tag(part)]
     param = ".".join(loc) or None
-    message = str(first.get("msg", "invalid value"))
+    if param is None and first.get("type") == "missing":
+        return "the request body is empty; send a JSON object", None
+    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     return (f"{param}: {message}" if param else message), param
+
+
+def _is_union_tag(part) -> bool:
+    """pydantic names the member of a union it tried ('str', 'list[int]', 'function-after[...]')."""
+    return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool"))
 
 
 async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from server.engine.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
 
@@ -20,6 +20,24 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 class OpenAIModel(BaseModel):
     # allow_inf_nan=False: Python's json accepts NaN and 1e999, which must be 400s, not math.
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _valid_unicode(cls, value):
+        # JSON may carry "\ud800", a lone surrogate: a str Python holds but cannot encode.
+        if _has_lone_surrogate(value):
+            raise ValueError("text contains a lone UTF-16 surrogate, which is not valid Unicode")
+        return value
+
+
+def _has_lone_surrogate(value) -> bool:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    return isinstance(value, list) and any(_has_lone_surrogate(v) for v in value)
 
 
 class StreamOptions(OpenAIModel):
