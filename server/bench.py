@@ -115,6 +115,11 @@ def run_bench(args) -> int:
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                           num_kv_blocks=args.num_kv_blocks, enable_prefix_caching=args.enable_prefix_caching)
     peak = gemm_peak_gflops(loaded.dtype, loaded.device)
+    hf_model = None
+    if args.baseline == "hf":  # copy the weights before the engine packs them for oneDNN
+        from server.bench_baselines import to_transformers
+
+        hf_model = to_transformers(loaded)
     results = [run_engine(loaded, prompts, args.output_len, config)]
     results[0].extra.update(roofline(loaded, results[0], peak))
     results[0].extra["peak_rss_gib"] = round(peak_rss_gib(), 2)
@@ -123,7 +128,7 @@ def run_bench(args) -> int:
     if args.baseline == "hf":
         from server.bench_baselines import run_hf_generate
 
-        results.append(run_hf_generate(loaded, prompts, args.output_len))
+        results.append(run_hf_generate(loaded, hf_model, prompts, args.output_len))
     elif args.baseline == "naive":
         from server.bench_baselines import run_naive
 

@@ -30,9 +30,9 @@ def run_naive(loaded: LoadedModel, prompts: list[list[int]], output_len: int, ma
                        len(subset) / elapsed, num_out / elapsed, (num_in + num_out) / elapsed)
 
 
-def run_hf_generate(loaded: LoadedModel, prompts: list[list[int]], output_len: int) -> BenchResult:
+def run_hf_generate(loaded: LoadedModel, hf_model: torch.nn.Module, prompts: list[list[int]],
+                    output_len: int) -> BenchResult:
     """HF generate in static batches; reports the best batch size's throughput."""
-    hf_model = to_transformers(loaded)
     best, per_size = None, {}
     for batch_size in [b for b in HF_BATCH_SIZES if b <= len(prompts)]:
         start = time.perf_counter()
@@ -67,7 +67,8 @@ def to_transformers(loaded: LoadedModel) -> torch.nn.Module:
     else:
         hf = _qwen_family_hf_model(model.config)
         state = _unfuse_qwen_state_dict(model)
-    hf.load_state_dict(state, strict=False)
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    assert not unexpected and all(k == "lm_head.weight" or k.endswith("attn.bias") for k in missing), (missing, unexpected)
     hf.tie_weights()
     return hf.to(device=loaded.device, dtype=loaded.dtype).eval()
 
