@@ -34,7 +34,7 @@ def run_hf_generate(loaded: LoadedModel, hf_model: torch.nn.Module, prompts: lis
                     output_len: int) -> BenchResult:
     """HF generate in static batches; reports the best batch size's throughput."""
     best, per_size = None, {}
-    for batch_size in [b for b in HF_BATCH_SIZES if b <= len(prompts)]:
+    for batch_size in [b for b in HF_BATCH_SIZES if b <= len(prompts)] or [len(prompts)]:
         start = time.perf_counter()
         for i in range(0, len(prompts), batch_size):
             batch = torch.tensor(prompts[i:i + batch_size], device=loaded.device)  # (B, T), equal lengths

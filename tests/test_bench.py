@@ -1,0 +1,19 @@
+"""`nanoserve bench` runs end to end on a tiny model, with both baselines, and writes JSON."""
+import json
+
+import pytest
+
+from server.cli import main
+
+
+@pytest.mark.parametrize("baseline", ["hf", "naive"])
+def test_bench_reports_throughput_and_roofline(tmp_path, capsys, baseline):
+    out = tmp_path / "bench.json"
+    main(["bench", "--model", "random:tiny-gpt2", "--dtype", "float32", "--num-prompts", "4", "--input-len", "8",
+          "--output-len", "6", "--baseline", baseline, "--json", str(out)])
+    results = json.loads(out.read_text())
+    assert len(results) == 2
+    ours = results[0]
+    assert ours["name"] == "nanoserve" and ours["output_tokens_per_s"] > 0
+    assert {"peak_gflops", "roofline_fraction", "peak_rss_gib", "kv_cache_gib"} <= set(ours["extra"])
+    assert "output tok/s" in capsys.readouterr().out
