@@ -64,22 +64,27 @@ def test_cache_free_path_is_causal_per_sequence():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kv_heads", [KVH, H])
-def test_fused_decode_kernel_matches_torch_path(dtype, kv_heads):
-    """The optional C++ decode kernel against the gather + SDPA reference path."""
+@pytest.mark.parametrize("head_dim,block_size", [(D, BS), (64, 16), (128, 4), (48, 16)])
+def test_fused_decode_kernel_matches_torch_path(dtype, kv_heads, head_dim, block_size):
+    """The optional C++ decode kernel against the gather + SDPA reference path.
+
+    Head dims that are multiples of 16 take the AVX-512 online-softmax path where the CPU has
+    it (48 has no specialization and falls back); the others take the portable three-pass path.
+    """
     from models.fused_attention import decode_kernel, fused_decode_attention
 
     if decode_kernel() is None:
         pytest.skip("the fused kernel could not be built here (no compiler?)")
     gen, rng = torch.Generator().manual_seed(0), random.Random(0)
-    lens = [rng.randint(1, 70) for _ in range(9)]
-    free = list(range(256))
+    lens = [1, block_size, block_size + 1] + [rng.randint(1, 90) for _ in range(9)]
+    free = list(range(512))
     rng.shuffle(free)
-    tables = [[free.pop() for _ in range(-(-n // BS))] for n in lens]
-    pool = tuple(torch.randn(256, BS, kv_heads, D, generator=gen).to(dtype) for _ in range(2))
-    meta = build_attention_metadata([1] * len(lens), lens, tables, BS)
-    q = torch.randn(len(lens), H, D, generator=gen).to(dtype)
-    new_kv = torch.randn(len(lens), kv_heads, D, generator=gen).to(dtype)
-    reference = paged_attention(q, new_kv, new_kv, pool, meta, D**-0.5)  # writes the new token too
-    fused = fused_decode_attention(q, pool, meta.block_tables, meta.decode_seq_lens, D**-0.5)
+    tables = [[free.pop() for _ in range(-(-n // block_size))] for n in lens]
+    pool = tuple(torch.randn(512, block_size, kv_heads, head_dim, generator=gen).to(dtype) for _ in range(2))
+    meta = build_attention_metadata([1] * len(lens), lens, tables, block_size)
+    q = (3 * torch.randn(len(lens), H, head_dim, generator=gen)).to(dtype)  # peaked softmax too
+    new_kv = torch.randn(len(lens), kv_heads, head_dim, generator=gen).to(dtype)
+    reference = paged_attention(q, new_kv, new_kv, pool, meta, head_dim**-0.5)  # writes the new token too
+    fused = fused_decode_attention(q, pool, meta.block_tables, meta.decode_seq_lens, head_dim**-0.5)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(fused, reference, atol=tol, rtol=tol)

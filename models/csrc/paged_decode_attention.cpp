@@ -1,15 +1,22 @@
 // Paged decode attention for CPU: one query per sequence, keys and values read in place from
-// the block pool through the block table, no gather. One task per sequence: for each cached
-// token it widens the token's whole (KVH, D) key row once and scores all H query heads against
-// it (pass 1), takes a numerically stable softmax per head (pass 2), then accumulates the value
-// rows the same way (pass 3), all in float32. Token-major rows keep every read contiguous.
+// the block pool through the block table, no gather.
 //
 //   q (S, H, D)   k_pool, v_pool (NB, BS, KVH, D)   block_tables (S, MB)   seq_lens (S,)
 //   token p of sequence s lives at k_pool[block_tables[s][p / BS]][p % BS][:][:]
+//
+// Two implementations of the same math, all accumulation in float32:
+// - AVX-512 (D a multiple of 16): one task per (sequence, query head), a single pass over the
+//   cache with an online softmax (flash-decoding style), 16 tokens at a time; the head's query
+//   and output accumulator stay in registers, and the next block's rows are prefetched while
+//   the current one is scored, because blocks are scattered and hardware prefetchers stop at
+//   block edges. Decode attention is bound by reading the cache, so that is what it optimizes.
+// - Portable: one task per sequence, three passes (scores, softmax, weighted values).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 // Widen n values to float32. bf16 is the top half of a float32: a shift the compiler
@@ -81,6 +88,120 @@ static void decode_sequence(const T* q, const T* k_pool, const T* v_pool, const 
     for (int64_t d = 0; d < D; ++d) out[h * D + d] = static_cast<T>(acc[h * D + d] * inv_sum[h]);
 }
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+
+#define NANOSERVE_HAS_AVX512 1
+
+// 16 values of the pool's dtype as float32 lanes.
+static inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+static inline __m512 load16(const c10::BFloat16* p) {
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+static inline __m512 load16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+// e^x for x <= 0: 2^(x log2 e) split into 2^n * 2^f, f in [-0.5, 0.5], 2^f by a degree-6
+// Taylor polynomial (relative error ~1e-7), 2^n applied exactly by scalef.
+static inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(1.5403530e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504109e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022651e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+static inline void prefetch_rows(const char* first, int64_t rows, int64_t stride, int64_t bytes) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(first + r * stride + b, _MM_HINT_T0);
+}
+
+// One query head of one sequence. NV = D / 16 float32 vectors per head row.
+template <typename T, int NV>
+static void decode_head_avx512(const T* q, const T* k_pool, const T* v_pool, const int64_t* table, int64_t len,
+                               int64_t kv_head, T* out, const Shape& sh) {
+  const int64_t row = sh.KVH * sh.D;  // elements between consecutive tokens of a block
+  const int64_t head_bytes = sh.D * static_cast<int64_t>(sizeof(T));
+  __m512 qv[NV], acc[NV];
+  for (int i = 0; i < NV; ++i) {
+    qv[i] = _mm512_mul_ps(load16(q + 16 * i), _mm512_set1_ps(sh.scale));
+    acc[i] = _mm512_setzero_ps();
+  }
+  float running_max = -1e30f, running_sum = 0.0f;  // online softmax state
+  alignas(64) float weights[16];
+  const int64_t num_blocks = (len + sh.BS - 1) / sh.BS;
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    const int64_t base = table[b] * sh.BS * row + kv_head * sh.D;  // token 0 of block b, this head
+    const int64_t in_block = std::min(sh.BS, len - b * sh.BS);
+    if (b + 1 < num_blocks) {
+      const int64_t next = table[b + 1] * sh.BS * row + kv_head * sh.D;
+      const int64_t rows = std::min(sh.BS, len - (b + 1) * sh.BS);
+      prefetch_rows(reinterpret_cast<const char*>(k_pool + next), rows, row * sizeof(T), head_bytes);
+      prefetch_rows(reinterpret_cast<const char*>(v_pool + next), rows, row * sizeof(T), head_bytes);
+    }
+    for (int64_t c = 0; c < in_block; c += 16) {
+      const int n = static_cast<int>(std::min<int64_t>(16, in_block - c));
+      const T* keys = k_pool + base + c * row;
+      for (int t = 0; t < n; ++t) {
+        __m512 dot = _mm512_mul_ps(qv[0], load16(keys + t * row));
+        for (int i = 1; i < NV; ++i) dot = _mm512_fmadd_ps(qv[i], load16(keys + t * row + 16 * i), dot);
+        weights[t] = _mm512_reduce_add_ps(dot);
+      }
+      const __mmask16 valid = static_cast<__mmask16>((1u << n) - 1u);
+      const __m512 scores = _mm512_mask_loadu_ps(_mm512_set1_ps(-1e30f), valid, weights);
+      const float new_max = std::max(running_max, _mm512_reduce_max_ps(scores));
+      const __m512 probs = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(scores, _mm512_set1_ps(new_max))));
+      const float rescale = std::exp(running_max - new_max);
+      running_sum = running_sum * rescale + _mm512_reduce_add_ps(probs);
+      running_max = new_max;
+      _mm512_store_ps(weights, probs);
+      for (int i = 0; i < NV; ++i) acc[i] = _mm512_mul_ps(acc[i], _mm512_set1_ps(rescale));
+      const T* values = v_pool + base + c * row;
+      for (int t = 0; t < n; ++t) {
+        const __m512 w = _mm512_set1_ps(weights[t]);
+        for (int i = 0; i < NV; ++i) acc[i] = _mm512_fmadd_ps(w, load16(values + t * row + 16 * i), acc[i]);
+      }
+    }
+  }
+  alignas(64) float result[16 * NV];
+  const __m512 inv = _mm512_set1_ps(1.0f / running_sum);
+  for (int i = 0; i < NV; ++i) _mm512_store_ps(result + 16 * i, _mm512_mul_ps(acc[i], inv));
+  for (int d = 0; d < 16 * NV; ++d) out[d] = static_cast<T>(result[d]);
+}
+
+template <typename T>
+static bool decode_all_avx512(const T* q, const T* k_pool, const T* v_pool, const int64_t* tables, const int64_t* lens,
+                              int64_t S, int64_t MB, T* out, const Shape& sh) {
+  auto run = [&](auto head_fn) {
+    const int64_t G = sh.H / sh.KVH;
+    at::parallel_for(0, S * sh.H, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t s = item / sh.H, h = item % sh.H;
+        TORCH_CHECK(lens[s] >= 1 && lens[s] <= MB * sh.BS, "sequence length outside its block table");
+        head_fn(q + item * sh.D, k_pool, v_pool, tables + s * MB, lens[s], h / G, out + item * sh.D, sh);
+      }
+    });
+  };
+  switch (sh.D) {
+    case 16: run(decode_head_avx512<T, 1>); return true;
+    case 32: run(decode_head_avx512<T, 2>); return true;
+    case 64: run(decode_head_avx512<T, 4>); return true;
+    case 128: run(decode_head_avx512<T, 8>); return true;
+    case 256: run(decode_head_avx512<T, 16>); return true;
+    default: return false;
+  }
+}
+#endif  // __AVX512F__
+
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_pool, torch::Tensor v_pool,
                                      torch::Tensor block_tables, torch::Tensor seq_lens, double scale) {
   TORCH_CHECK(q.is_contiguous() && k_pool.is_contiguous() && v_pool.is_contiguous(), "contiguous inputs required");
@@ -99,6 +220,11 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_pool, torc
     const int64_t* tp = tables.data_ptr<int64_t>();
     const int64_t* lp = lens.data_ptr<int64_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
+#ifdef NANOSERVE_HAS_AVX512
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      if (decode_all_avx512<scalar_t>(qp, kp, vp, tp, lp, S, MB, op, sh)) return;
+    }
+#endif
     at::parallel_for(0, S, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> buf;
       for (int64_t s = begin; s < end; ++s) {
@@ -112,4 +238,9 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_pool, torc
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention, "paged decode attention (CPU)");
+#ifdef NANOSERVE_HAS_AVX512
+  m.def("has_avx512_path", [] { return true; }, "whether head dims that are multiples of 16 take the AVX-512 path");
+#else
+  m.def("has_avx512_path", [] { return false; }, "whether head dims that are multiples of 16 take the AVX-512 path");
+#endif
 }
