@@ -1,32 +1,88 @@
-"""Optional speed feature: linear layers with oneDNN pre-packed weights (CPU, bfloat16).
+"""Optional speed feature: linear layers with pre-packed bf16 weights (CPU).
 
 PyTorch's `F.linear` re-lays out the weight for oneDNN on every call; packing it once, as
-inductor's freezing pass does, makes the small-M matmuls of decode steps about 1.8x faster here
-with bit-identical bf16 results. The LM head keeps `F.linear` (tied to the embedding, and no
-faster packed). `pack_linear_layers` is the one switch; without it the plain modules run.
+inductor's freezing pass does, is faster with the same bf16 results. Decode steps multiply only
+a few rows (M <= 32) and are bound by streaming the weights; there oneDNN's AMX kernel reads
+~8 GB/s on this 2-core machine, so rows up to `AMX_MAX_ROWS` go to models/csrc/amx_linear.cpp,
+which streams the same packed buffer at ~20 GB/s. Prefill (large M) stays on oneDNN.
+
+GELU(tanh) can be fused into the matmul's epilogue (`PackedLinear.forward_gelu_tanh`), saving a
+pass over the MLP's widest activation. The LM head keeps `F.linear`: it is tied to the token
+embedding, and a packed copy would cost memory for no measured gain. `pack_linear_layers` is
+the one switch; without it the plain modules run.
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+
+from models.cpu_kernels import load_kernel
 
 log = logging.getLogger(__name__)
+
+AMX_MAX_ROWS = 32  # larger batches re-read the weight per 32 rows; oneDNN blocks them better
+_GELU_TANH = 1     # activation codes of amx_linear
+
+
+def amx_kernel():
+    """The AMX linear module when this CPU, kernel and process can run AMX tiles, else None."""
+    kernel = load_kernel("nanoserve_amx_linear", "amx_linear.cpp")
+    return kernel if kernel is not None and kernel.amx_available() else None
 
 
 class PackedLinear(nn.Module):
     """Drop-in for nn.Linear with the weight stored in oneDNN's blocked layout."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, use_amx: bool = True):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.packed_weight = nn.Parameter(
             torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None), requires_grad=False)
         self.bias = linear.bias
+        self.amx = amx_kernel() if use_amx else None
+        if self.amx is not None and not _is_amx_layout(self.packed_weight, linear.weight):
+            self.amx = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.amx is not None and x.shape[0] <= AMX_MAX_ROWS:
+            return self.amx.amx_linear(x, *self._weight_buffer(), self.bias, self.out_features, 0)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
+
+    def forward_gelu_tanh(self, x: torch.Tensor) -> torch.Tensor:
+        """gelu(linear(x), approximate="tanh") with the activation applied before rounding to bf16."""
+        if self.amx is not None and x.shape[0] <= AMX_MAX_ROWS:
+            return self.amx.amx_linear(x, *self._weight_buffer(), self.bias, self.out_features, _GELU_TANH)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "gelu", [], "tanh")
+
+    def _weight_buffer(self) -> tuple[int, int]:
+        """Address and size of the opaque packed tensor's buffer (this module keeps it alive)."""
+        return torch.ops.mkldnn.data_ptr(self.packed_weight), torch.ops.mkldnn._nbytes(self.packed_weight)
+
+
+def linear_gelu_tanh(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """GELU(tanh) of a linear layer's output, fused into the matmul when the layer is packed."""
+    if isinstance(linear, PackedLinear):
+        return linear.forward_gelu_tanh(x)
+    return F.gelu(linear(x), approximate="tanh")
+
+
+def _is_amx_layout(packed: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether oneDNN chose the AB16b32a2b layout the AMX kernel reads (checked on the bytes)."""
+    out_features, in_features = weight.shape
+    if out_features % 32 or in_features % 32:
+        return False
+    nbytes = torch.ops.mkldnn._nbytes(packed)
+    if nbytes < weight.numel() * 2:
+        return False
+    raw = (ctypes.c_uint8 * nbytes).from_address(torch.ops.mkldnn.data_ptr(packed))
+    packed_values = torch.frombuffer(raw, dtype=torch.bfloat16)[:weight.numel()]
+    # W[n][k] -> [n / 32][k / 32][(k % 32) / 2][n % 32][k % 2]
+    expected = weight.detach().reshape(out_features // 32, 32, in_features // 32, 16, 2).permute(0, 2, 3, 1, 4)
+    return torch.equal(packed_values, expected.flatten())
 
 
 def can_pack(model: nn.Module) -> bool:
@@ -35,13 +91,14 @@ def can_pack(model: nn.Module) -> bool:
             and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
-def pack_linear_layers(model: nn.Module) -> int:
+def pack_linear_layers(model: nn.Module, use_amx: bool = True) -> int:
     """Replace every nn.Linear except `lm_head` by a PackedLinear; returns how many."""
     if not can_pack(model):
         return 0
     targets = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear) and name != "lm_head"]
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, PackedLinear(linear))
-    log.info("packed %d linear layers for oneDNN", len(targets))
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, PackedLinear(linear, use_amx))
+    on_amx = sum(1 for module in model.modules() if isinstance(module, PackedLinear) and module.amx is not None)
+    log.info("packed %d linear layers for oneDNN (%d with the AMX small-batch kernel)", len(targets), on_amx)
     return len(targets)

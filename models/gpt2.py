@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from models.attention import AttentionMetadata, paged_attention
 from models.base import CausalLM, KVCacheSpec
+from models.fast_linear import linear_gelu_tanh
 
 
 @dataclass
@@ -72,7 +73,9 @@ class MLP(nn.Module):
         self.approximate = "tanh" if config.activation == "gelu_new" else "none"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate))
+        if self.approximate == "tanh":
+            return self.c_proj(linear_gelu_tanh(self.c_fc, x))  # fused into the matmul when packed
+        return self.c_proj(F.gelu(self.c_fc(x)))
 
 
 class Block(nn.Module):
