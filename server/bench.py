@@ -4,7 +4,11 @@ All prompts are queued at once and the engine runs them to completion (fixed out
 ignore_eos). Besides requests/s and tokens/s it times every step, and for the pure decode steps
 compares the achieved matmul GFLOP/s with a GEMM peak measured on the spot (gpt-fast style):
 "roofline" is the time the step's matrix multiplies alone would take at that peak divided by
-the step's real time. Medians of per-step times, never one total, because shared machines drift.
+the step's real time. A decode step also has to read every weight and every cached key and
+value once, so it reports the memory side too: the bytes a step must read, the read bandwidth
+measured on the spot (a large float32 sum), and the "memory roofline" (the time those bytes take
+at that bandwidth divided by the step's real time). Whichever floor is higher bounds the step.
+Medians of per-step times, never one total, because shared machines drift.
 """
 from __future__ import annotations
 
@@ -60,6 +64,20 @@ def gemm_peak_gflops(dtype: torch.dtype, device: torch.device, n: int = 2048, re
     return 2 * n**3 / best / 1e9
 
 
+def read_bandwidth_gbps(device: torch.device, nbytes: int = 512 * 2**20, repeats: int = 5) -> float:
+    """Best-of-`repeats` GB/s of summing a float32 tensor far larger than the caches."""
+    x = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    x.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        x.sum()
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return nbytes / best / 1e9
+
+
 def matmul_params_per_token(model: torch.nn.Module) -> int:
     """Weights every decoded token multiplies by: all Linear layers incl. the LM head."""
     from models.fast_linear import PackedLinear
@@ -74,13 +92,16 @@ def run_engine(loaded: LoadedModel, prompts: list[list[int]], output_len: int, c
     for i, prompt in enumerate(prompts):
         engine.add_request(f"bench-{i}", prompt, params)
     decode_steps: dict[int, list[float]] = {}
+    decode_contexts: dict[int, list[int]] = {}  # tokens of context the step's sequences attend to
     start = time.perf_counter()
     while engine.has_unfinished():
+        context = sum(seq.num_computed_tokens + 1 for seq in engine.scheduler.running)
         step_start = time.perf_counter()
         _, stats = engine.step()
         _sync(loaded.device)
         if stats.batch_size and stats.num_batched_tokens == stats.batch_size:  # decode only
             decode_steps.setdefault(stats.batch_size, []).append(time.perf_counter() - step_start)
+            decode_contexts.setdefault(stats.batch_size, []).append(context)
     elapsed = time.perf_counter() - start
     num_out = len(prompts) * output_len
     num_in = sum(len(p) for p in prompts)
@@ -88,24 +109,31 @@ def run_engine(loaded: LoadedModel, prompts: list[list[int]], output_len: int, c
     extra = {"kv_cache_gib": round(kv_bytes / 2**30, 2),
              "decode_step_ms_median": {b: round(1000 * statistics.median(t), 2) for b, t in sorted(decode_steps.items())},
              "decode_step_counts": {b: len(t) for b, t in sorted(decode_steps.items())},
+             "decode_context_tokens_median": {b: int(statistics.median(c)) for b, c in sorted(decode_contexts.items())},
              "preemptions": engine.scheduler.num_preemptions,
              "prefix_hit_tokens": engine.block_manager.num_prefix_hit_tokens}
     return BenchResult("nanoserve", len(prompts), len(prompts[0]), output_len, elapsed,
                        len(prompts) / elapsed, num_out / elapsed, (num_in + num_out) / elapsed, extra)
 
 
-def roofline(loaded: LoadedModel, result: BenchResult, peak_gflops: float) -> dict:
-    """Achieved matmul GFLOP/s of the median decode step at the most frequent batch size."""
+def roofline(loaded: LoadedModel, result: BenchResult, peak_gflops: float, read_gbps: float) -> dict:
+    """Compute and memory floors of the median decode step at the most frequent batch size."""
     steps, counts = result.extra["decode_step_ms_median"], result.extra["decode_step_counts"]
     if not steps:
         return {}
     batch = max(counts, key=lambda b: (counts[b], b))
     step_s = steps[batch] / 1000
-    flops = 2 * matmul_params_per_token(loaded.model) * batch
+    params = matmul_params_per_token(loaded.model)
+    flops = 2 * params * batch
     gemm_only_s = flops / (peak_gflops * 1e9)
+    kv_bytes_per_token = loaded.model.kv_cache_spec.bytes_per_block(1, loaded.dtype)
+    step_bytes = params * loaded.dtype.itemsize + kv_bytes_per_token * result.extra["decode_context_tokens_median"][batch]
+    memory_s = step_bytes / (read_gbps * 1e9)
     return {"decode_batch": batch, "decode_step_ms": round(step_s * 1000, 2),
             "achieved_gflops": round(flops / step_s / 1e9, 1), "peak_gflops": round(peak_gflops, 1),
-            "roofline_fraction": round(gemm_only_s / step_s, 3)}
+            "roofline_fraction": round(gemm_only_s / step_s, 3),
+            "step_read_mb": round(step_bytes / 1e6, 1), "achieved_read_gbps": round(step_bytes / step_s / 1e9, 1),
+            "measured_read_gbps": round(read_gbps, 1), "memory_roofline_fraction": round(memory_s / step_s, 3)}
 
 
 def run_bench(args) -> int:
@@ -115,13 +143,14 @@ def run_bench(args) -> int:
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                           num_kv_blocks=args.num_kv_blocks, enable_prefix_caching=args.enable_prefix_caching)
     peak = gemm_peak_gflops(loaded.dtype, loaded.device)
+    read_gbps = read_bandwidth_gbps(loaded.device)
     hf_model = None
     if args.baseline == "hf":  # copy the weights before the engine packs them for oneDNN
         from server.bench_baselines import to_transformers
 
         hf_model = to_transformers(loaded)
     results = [run_engine(loaded, prompts, args.output_len, config)]
-    results[0].extra.update(roofline(loaded, results[0], peak))
+    results[0].extra.update(roofline(loaded, results[0], peak, read_gbps))
     results[0].extra["peak_rss_gib"] = round(peak_rss_gib(), 2)
     results[0].extra["weights_gib"] = round(weights_gib(loaded.model), 2)
     results[0].extra["kv_cache_gib"] = results[0].extra.pop("kv_cache_gib")

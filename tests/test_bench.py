@@ -15,5 +15,9 @@ def test_bench_reports_throughput_and_roofline(tmp_path, capsys, baseline):
     assert len(results) == 2
     ours = results[0]
     assert ours["name"] == "nanoserve" and ours["output_tokens_per_s"] > 0
-    assert {"peak_gflops", "roofline_fraction", "peak_rss_gib", "kv_cache_gib"} <= set(ours["extra"])
+    assert {"peak_gflops", "roofline_fraction", "peak_rss_gib", "kv_cache_gib", "measured_read_gbps",
+            "memory_roofline_fraction"} <= set(ours["extra"])
+    extra = ours["extra"]
+    assert 0 < extra["roofline_fraction"] and 0 < extra["memory_roofline_fraction"]
+    assert extra["step_read_mb"] > 0 and extra["decode_batch"] == 4  # 4 prompts decode together
     assert "output tok/s" in capsys.readouterr().out
