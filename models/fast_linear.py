@@ -7,9 +7,10 @@ a few rows (M <= 32) and are bound by streaming the weights; there oneDNN's AMX 
 which streams the same packed buffer at ~20 GB/s. Prefill (large M) stays on oneDNN.
 
 GELU(tanh) can be fused into the matmul's epilogue (`PackedLinear.forward_gelu_tanh`), saving a
-pass over the MLP's widest activation. The LM head keeps `F.linear`: it is tied to the token
-embedding, and a packed copy would cost memory for no measured gain. `pack_linear_layers` is
-the one switch; without it the plain modules run.
+pass over the MLP's widest activation. The LM head is packed only when the AMX kernel takes it
+(oneDNN alone is no faster there); a head tied to the token embedding then serves the embedding
+too (`PackedEmbedding` reads rows out of the packed buffer), so the table is stored once.
+`pack_linear_layers` is the one switch; without it the plain modules run.
 """
 from __future__ import annotations
 
@@ -32,6 +33,13 @@ def amx_kernel():
     """The AMX linear module when this CPU, kernel and process can run AMX tiles, else None."""
     kernel = load_kernel("nanoserve_amx_linear", "amx_linear.cpp")
     return kernel if kernel is not None and kernel.amx_available() else None
+
+
+def _packed_values(packed: torch.Tensor) -> torch.Tensor:
+    """A flat bf16 view of an opaque packed tensor's buffer (valid while `packed` lives)."""
+    nbytes = torch.ops.mkldnn._nbytes(packed)
+    raw = (ctypes.c_uint8 * nbytes).from_address(torch.ops.mkldnn.data_ptr(packed))
+    return torch.frombuffer(raw, dtype=torch.bfloat16)
 
 
 class PackedLinear(nn.Module):
@@ -73,16 +81,31 @@ def linear_gelu_tanh(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def _is_amx_layout(packed: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether oneDNN chose the AB16b32a2b layout the AMX kernel reads (checked on the bytes)."""
     out_features, in_features = weight.shape
-    if out_features % 32 or in_features % 32:
+    padded_out = -(-out_features // 32) * 32
+    if in_features % 32 or torch.ops.mkldnn._nbytes(packed) < padded_out * in_features * 2:
         return False
-    nbytes = torch.ops.mkldnn._nbytes(packed)
-    if nbytes < weight.numel() * 2:
-        return False
-    raw = (ctypes.c_uint8 * nbytes).from_address(torch.ops.mkldnn.data_ptr(packed))
-    packed_values = torch.frombuffer(raw, dtype=torch.bfloat16)[:weight.numel()]
+    packed_values = _packed_values(packed)[:padded_out * in_features]
+    padded = F.pad(weight.detach(), (0, 0, 0, padded_out - out_features))  # zero rows up to a whole block
     # W[n][k] -> [n / 32][k / 32][(k % 32) / 2][n % 32][k % 2]
-    expected = weight.detach().reshape(out_features // 32, 32, in_features // 32, 16, 2).permute(0, 2, 3, 1, 4)
+    expected = padded.reshape(padded_out // 32, 32, in_features // 32, 16, 2).permute(0, 2, 3, 1, 4)
     return torch.equal(packed_values, expected.flatten())
+
+
+class PackedEmbedding(nn.Module):
+    """Token embedding read out of a tied LM head's packed (AB16b32a2b) weight."""
+
+    def __init__(self, head: PackedLinear):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
+        self._owner = (head,)  # keeps the buffer alive without registering the head twice
+        blocks = -(-head.out_features // 32)
+        values = _packed_values(head.packed_weight)[:blocks * 32 * head.in_features]
+        self._blocks = values.view(blocks, head.in_features // 32, 16, 32, 2)  # [n/32][k/32][k%32/2][n%32][k%2]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        rows = self._blocks[flat // 32, :, :, flat % 32, :]  # (T, K/32, 16, 2)
+        return rows.reshape(*ids.shape, self.embedding_dim)
 
 
 def can_pack(model: nn.Module) -> bool:
@@ -92,13 +115,34 @@ def can_pack(model: nn.Module) -> bool:
 
 
 def pack_linear_layers(model: nn.Module, use_amx: bool = True) -> int:
-    """Replace every nn.Linear except `lm_head` by a PackedLinear; returns how many."""
+    """Replace nn.Linear layers by PackedLinear (the LM head only for AMX); returns how many."""
     if not can_pack(model):
         return 0
     targets = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear) and name != "lm_head"]
     for name, linear in targets:
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, PackedLinear(linear, use_amx))
+        _replace(model, name, PackedLinear(linear, use_amx))
+    packed_head = _pack_lm_head(model, use_amx)
     on_amx = sum(1 for module in model.modules() if isinstance(module, PackedLinear) and module.amx is not None)
-    log.info("packed %d linear layers for oneDNN (%d with the AMX small-batch kernel)", len(targets), on_amx)
-    return len(targets)
+    log.info("packed %d linear layers for oneDNN (%d with the AMX small-batch kernel)",
+             len(targets) + packed_head, on_amx)
+    return len(targets) + packed_head
+
+
+def _pack_lm_head(model: nn.Module, use_amx: bool) -> bool:
+    head = getattr(model, "lm_head", None)
+    if not isinstance(head, nn.Linear):
+        return False
+    packed = PackedLinear(head, use_amx)
+    if packed.amx is None:
+        return False
+    tied = [name for name, module in model.named_modules()
+            if isinstance(module, nn.Embedding) and module.weight is head.weight]
+    model.lm_head = packed
+    for name in tied:
+        _replace(model, name, PackedEmbedding(packed))
+    return True
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)

@@ -4,10 +4,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.fast_linear import AMX_MAX_ROWS, PackedLinear, amx_kernel, can_pack, linear_gelu_tanh, pack_linear_layers
+from models.fast_linear import (AMX_MAX_ROWS, PackedEmbedding, PackedLinear, amx_kernel, can_pack, linear_gelu_tanh,
+                                pack_linear_layers)
 from models.loader import load_model
 
 needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+
+
+def token_embedding(model: torch.nn.Module) -> torch.nn.Module:
+    return model.transformer.wte if hasattr(model, "transformer") else model.model.embed_tokens
 
 
 def _bf16_linear(in_features: int, out_features: int, bias: bool = True) -> torch.nn.Linear:
@@ -23,14 +28,14 @@ def _close_to_fp32(actual: torch.Tensor, expected_fp32: torch.Tensor) -> None:
 @needs_onednn
 @pytest.mark.parametrize("use_amx", [False, True])
 @pytest.mark.parametrize("rows", [1, 5, 16, 17, 32, 33, 70])
-@pytest.mark.parametrize("shape,bias", [((64, 96), True), ((128, 64), False), ((96, 100), True)])
+@pytest.mark.parametrize("shape,bias", [((64, 96), True), ((128, 64), False), ((96, 100), True), ((48, 64), True)])
 def test_packed_linear_equals_linear(use_amx, rows, shape, bias):
     """Every row count crosses the AMX tile edges (16, 32) and the oneDNN hand-over (> 32);
-    (96, 100) has N not a multiple of 32, which must stay on oneDNN."""
+    (96, 100) has N padded to a whole block, (48, 64) a K that only oneDNN takes."""
     linear = _bf16_linear(*shape, bias=bias)
     packed = PackedLinear(linear, use_amx=use_amx)
     if use_amx and amx_kernel() is not None:
-        assert (packed.amx is not None) == (shape[1] % 32 == 0)
+        assert (packed.amx is not None) == (shape[0] % 32 == 0)
     x = torch.randn(rows, shape[0]).to(torch.bfloat16)
     expected = F.linear(x.float(), linear.weight.float(), None if linear.bias is None else linear.bias.float())
     _close_to_fp32(packed(x), expected)
@@ -55,5 +60,35 @@ def test_only_bf16_cpu_models_are_packed():
     assert not can_pack(fp32) and pack_linear_layers(fp32) == 0
     bf16 = load_model("random:tiny-gpt2", dtype="bfloat16", device="cpu").model
     if can_pack(bf16):
-        assert pack_linear_layers(bf16) == 2 * 4  # c_attn, c_proj, c_fc, c_proj per layer; not lm_head
-        assert isinstance(bf16.lm_head, torch.nn.Linear)
+        with_head = amx_kernel() is not None  # the tied head is packed only for the AMX kernel
+        assert pack_linear_layers(bf16) == 2 * 4 + with_head  # c_attn, c_proj, c_fc, c_proj per layer
+        assert isinstance(bf16.lm_head, PackedLinear if with_head else torch.nn.Linear)
+        assert isinstance(bf16.transformer.wte, PackedEmbedding if with_head else torch.nn.Embedding)
+
+
+@needs_onednn
+@pytest.mark.parametrize("model_name", ["random:tiny-gpt2", "random:tiny-qwen2"])
+def test_packed_model_keeps_its_outputs_and_stores_the_tied_table_once(model_name):
+    """Embedding rows come out of the packed head exactly; logits stay within bf16 rounding."""
+    if amx_kernel() is None:
+        pytest.skip("the LM head is packed only for the AMX kernel")
+    loaded = load_model(model_name, dtype="bfloat16", device="cpu")
+    model = loaded.model
+    embedding = token_embedding(model)
+    assert embedding.weight is model.lm_head.weight, "these presets tie the head to the embedding"
+    table = embedding.weight.detach().clone()
+    ids = torch.tensor([0, 1, 31, 32, table.shape[0] - 1, 5, 5])
+    positions = torch.arange(len(ids))
+    from models.attention import build_attention_metadata
+
+    meta = build_attention_metadata([len(ids)], [len(ids)], None, 16)
+    with torch.inference_mode():
+        before = model.compute_logits(model(ids, positions, meta)).float()
+        pack_linear_layers(model)
+        assert isinstance(token_embedding(model), PackedEmbedding)
+        assert torch.equal(token_embedding(model)(ids), table[ids])
+        after = model.compute_logits(model(ids, positions, meta)).float()
+    params = {id(p) for p in model.parameters()}
+    assert id(embedding.weight) not in params, "the plain table is dropped once the head serves it"
+    torch.testing.assert_close(after, before, atol=0.1, rtol=0.05)
+    assert torch.equal(after.argmax(-1), before.argmax(-1))

@@ -7,7 +7,8 @@
 // as one contiguous stream, prefetching ahead, with the activations resident in L1/L2.
 //
 //   x (M, K) bf16 row-major     y (M, N) bf16 = x @ W^T + bias, optional GELU(tanh)
-//   W packed by oneDNN as AB16b32a2b: 32x32 blocks, N-block major, K blocks contiguous inside:
+//   W packed by oneDNN as AB16b32a2b: 32x32 blocks (N padded with zeros to a multiple of 32),
+//   N-block major, K blocks contiguous inside:
 //     W[n][k] at ((n / 32) * (K / 32) + k / 32) * 1024 + ((k % 32) / 2) * 64 + (n % 32) * 2 + k % 2
 //   One 2 KiB block holds two AMX B tiles (16 K-pairs x 16 columns) side by side, row stride
 //   128 bytes. Tiles: 0-3 accumulators C[m-half][n-half], 4-5 rows of x, 6-7 the two B tiles.
@@ -27,7 +28,9 @@ namespace {
 
 constexpr int64_t kBlock = 32;              // N and K block of the packed layout
 constexpr int64_t kBlockBytes = 32 * 32 * 2;
-constexpr int64_t kPrefetchBytes = 4 * kBlockBytes;  // how far ahead of the tiles the stream is fetched
+// How far ahead of the tiles the stream is fetched, into L2: 32 KiB ahead read ~25 GB/s cold in
+// isolation vs ~22 GB/s for 8 KiB into L1 (no difference measurable inside a whole decode step).
+constexpr int64_t kPrefetchBytes = 16 * kBlockBytes;
 
 enum Activation : int64_t { kNone = 0, kGeluTanh = 1 };
 
@@ -102,7 +105,7 @@ void run_blocks(const at::BFloat16* x, int rows, int64_t K, const at::BFloat16* 
     for (int64_t kb = 0; kb < k_blocks; ++kb, block += kBlockBytes) {
       const char* ahead = block + kPrefetchBytes;
       if (ahead < stream_end)
-        for (int64_t b = 0; b < kBlockBytes; b += 64) _mm_prefetch(ahead + b, _MM_HINT_T0);
+        for (int64_t b = 0; b < kBlockBytes; b += 64) _mm_prefetch(ahead + b, _MM_HINT_T1);
       const at::BFloat16* xk = x + kb * kBlock;
       _tile_loadd(4, xk, ldx);
       if constexpr (kTwoRowTiles) _tile_loadd(5, xk + 16 * K, ldx);
@@ -133,14 +136,14 @@ torch::Tensor amx_linear(torch::Tensor x, int64_t weight_address, int64_t weight
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "bf16 (M, K) input");
   x = x.contiguous();
   const int64_t M = x.size(0), K = x.size(1);
-  TORCH_CHECK(K % kBlock == 0 && N % kBlock == 0, "K and N must be multiples of 32");
-  TORCH_CHECK(weight_address != 0 && weight_nbytes >= N * K * 2, "packed weight too small for (N, K)");
+  const int64_t n_blocks = (N + kBlock - 1) / kBlock;  // oneDNN pads N to whole blocks
+  TORCH_CHECK(K % kBlock == 0, "K must be a multiple of 32");
+  TORCH_CHECK(weight_address != 0 && weight_nbytes >= n_blocks * kBlock * K * 2, "packed weight too small for (N, K)");
   torch::Tensor bias_f32;
   if (bias.has_value() && bias->defined()) bias_f32 = bias->to(at::kFloat).contiguous();
   const float* bp = bias_f32.defined() ? bias_f32.data_ptr<float>() : nullptr;
   auto y = torch::empty({M, N}, x.options());
   const auto* w = reinterpret_cast<const at::BFloat16*>(weight_address);
-  const int64_t n_blocks = N / kBlock;
   for (int64_t m0 = 0; m0 < M; m0 += 32) {
     const int rows = static_cast<int>(std::min<int64_t>(32, M - m0));
     const at::BFloat16* xm = x.data_ptr<at::BFloat16>() + m0 * K;
