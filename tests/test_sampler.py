@@ -78,6 +78,13 @@ def test_sampled_frequencies_follow_the_truncated_distribution():
     assert torch.allclose(freq, expected, atol=0.02)
 
 
+def test_greedy_ties_pick_the_lowest_token_id():
+    logits = torch.zeros(3, 50_000, dtype=torch.bfloat16)
+    logits[:, [40_000, 7, 123]] = 2.0
+    out = Sampler()(logits, [make_row(temperature=0.0) for _ in range(3)])
+    assert out.token_ids.tolist() == [7, 7, 7]
+
+
 def test_penalties_give_exact_logits():
     logits = torch.tensor([[2.0, -1.0, 0.5, 3.0, -2.0],
                            [2.0, -1.0, 0.5, 3.0, -2.0]])

@@ -139,9 +139,11 @@ torch::Tensor amx_linear(torch::Tensor x, int64_t weight_address, int64_t weight
   const int64_t n_blocks = (N + kBlock - 1) / kBlock;  // oneDNN pads N to whole blocks
   TORCH_CHECK(K % kBlock == 0, "K must be a multiple of 32");
   TORCH_CHECK(weight_address != 0 && weight_nbytes >= n_blocks * kBlock * K * 2, "packed weight too small for (N, K)");
-  torch::Tensor bias_f32;
-  if (bias.has_value() && bias->defined()) bias_f32 = bias->to(at::kFloat).contiguous();
-  const float* bp = bias_f32.defined() ? bias_f32.data_ptr<float>() : nullptr;
+  const float* bp = nullptr;  // float32, converted once by the caller
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N, "float32 (N,) bias");
+    bp = bias->data_ptr<float>();
+  }
   auto y = torch::empty({M, N}, x.options());
   const auto* w = reinterpret_cast<const at::BFloat16*>(weight_address);
   for (int64_t m0 = 0; m0 < M; m0 += 32) {

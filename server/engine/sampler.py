@@ -51,7 +51,7 @@ class Sampler:
         raw_logprobs = logits.log_softmax(dim=-1) if wants_logprobs else None  # (S, V)
         logits = apply_penalties(logits, rows)
         logits = mask_stop_tokens(logits, rows)
-        token_ids = logits.argmax(dim=-1)  # (S,) final for greedy rows
+        token_ids = logits.max(dim=-1).indices  # (S,) first maximum, like argmax but faster on CPU; final for greedy rows
         # only non-greedy rows draw noise: a seeded greedy row leaves its generator untouched
         sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
         if sampled:
