@@ -120,6 +120,8 @@ static inline __m512 exp16(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
+constexpr int64_t kPrefetchBlocks = 2;  // blocks in flight ahead of the one being read (1: ~8% slower, 4: no better)
+
 static inline void prefetch_rows(const char* first, int64_t rows, int64_t stride, int64_t bytes) {
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(first + r * stride + b, _MM_HINT_T0);
@@ -142,9 +144,10 @@ static void decode_head_avx512(const T* q, const T* k_pool, const T* v_pool, con
   for (int64_t b = 0; b < num_blocks; ++b) {
     const int64_t base = table[b] * sh.BS * row + kv_head * sh.D;  // token 0 of block b, this head
     const int64_t in_block = std::min(sh.BS, len - b * sh.BS);
-    if (b + 1 < num_blocks) {
-      const int64_t next = table[b + 1] * sh.BS * row + kv_head * sh.D;
-      const int64_t rows = std::min(sh.BS, len - (b + 1) * sh.BS);
+    for (int64_t ahead = (b == 0 ? 1 : kPrefetchBlocks); ahead <= kPrefetchBlocks; ++ahead) {  // keep blocks b+1.. in flight
+      if (b + ahead >= num_blocks) break;
+      const int64_t next = table[b + ahead] * sh.BS * row + kv_head * sh.D;
+      const int64_t rows = std::min(sh.BS, len - (b + ahead) * sh.BS);
       prefetch_rows(reinterpret_cast<const char*>(k_pool + next), rows, row * sizeof(T), head_bytes);
       prefetch_rows(reinterpret_cast<const char*>(v_pool + next), rows, row * sizeof(T), head_bytes);
     }
