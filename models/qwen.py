@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from models.attention import AttentionMetadata, paged_attention
 from models.base import CausalLM, KVCacheSpec
-from models.layers import GatedMLP, RMSNorm, RotaryEmbedding
+from models.layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rotary
 
 
 @dataclass
@@ -105,16 +105,16 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.kv_cache = None
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
-                meta: AttentionMetadata) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)  # (N, (H + 2 KVH) D) -> q, k, v
-        q = q.view(-1, self.num_heads, self.head_dim)  # (N, H, D)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)  # (N, KVH, D)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)  # (N, KVH, D)
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+        qkv = self.qkv_proj(x)  # (N, (H + 2 KVH) D)
+        H, KVH, D = self.num_heads, self.num_kv_heads, self.head_dim
+        qk = qkv[:, :(H + KVH) * D].view(-1, H + KVH, D)  # (N, H + KVH, D): q and k rotate together
+        v = qkv[:, (H + KVH) * D:].view(-1, KVH, D)  # (N, KVH, D)
         if hasattr(self, "q_norm"):
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary(positions, q, k)
-        y = paged_attention(q, k, v, self.kv_cache, meta, self.head_dim**-0.5)  # (N, H, D)
+            qk = torch.cat((self.q_norm(qk[:, :H]), self.k_norm(qk[:, H:])), dim=1)
+        qk = apply_rotary(qk, *rope)
+        q, k = qk[:, :H], qk[:, H:]  # (N, H, D), (N, KVH, D)
+        y = paged_attention(q, k, v, self.kv_cache, meta, D**-0.5)  # (N, H, D)
         return self.o_proj(y.flatten(1))  # (N, H*D) -> (N, C)
 
 
@@ -126,9 +126,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = GatedMLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
-                meta: AttentionMetadata) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, meta)
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -160,8 +159,9 @@ class QwenModel(CausalLM):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)  # (N, C)
+        rope = self.rotary.tables(positions)  # (N, 1, D) cos and signed sin, shared by every layer
         for layer in self.model.layers:
-            x = layer(x, positions, self.rotary, meta)
+            x = layer(x, rope, meta)
         return self.model.norm(x)  # (N, C)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
