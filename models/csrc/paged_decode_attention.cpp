@@ -5,11 +5,11 @@
 //   token p of sequence s lives at k_pool[block_tables[s][p / BS]][p % BS][:][:]
 //
 // Two implementations of the same math, all accumulation in float32:
-// - AVX-512 (D a multiple of 16): one task per (sequence, query head), a single pass over the
-//   cache with an online softmax (flash-decoding style), 16 tokens at a time; the head's query
-//   and output accumulator stay in registers, and the next block's rows are prefetched while
-//   the current one is scored, because blocks are scattered and hardware prefetchers stop at
-//   block edges. Decode attention is bound by reading the cache, so that is what it optimizes.
+// - AVX-512 (D a multiple of 16): one task per (sequence, KV head) serving the query heads that
+//   share it, a single pass over the cache with an online softmax (flash-decoding style), 16
+//   tokens at a time, widened to float32 once per chunk; the next blocks' rows are prefetched
+//   while the current one is scored, because blocks are scattered and hardware prefetchers stop
+//   at block edges. Decode attention is bound by reading the cache, so that is what it optimizes.
 // - Portable: one task per sequence, three passes (scores, softmax, weighted values).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -127,19 +127,30 @@ static inline void prefetch_rows(const char* first, int64_t rows, int64_t stride
     for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(first + r * stride + b, _MM_HINT_T0);
 }
 
-// One query head of one sequence. NV = D / 16 float32 vectors per head row.
-template <typename T, int NV>
-static void decode_head_avx512(const T* q, const T* k_pool, const T* v_pool, const int64_t* table, int64_t len,
-                               int64_t kv_head, T* out, const Shape& sh) {
+constexpr int64_t kMaxGroup = 16;  // query heads per KV head the AVX-512 path takes (GQA groups)
+
+// The G query heads that share one KV head, for one sequence. NV = D / 16 float32 vectors per
+// head row. Each chunk of up to 16 cached tokens is widened to float32 once into L1 buffers and
+// then scored and accumulated for every head of the group, so grouped-query models read and
+// convert their cache once per KV head, not once per query head.
+template <typename T, int NV, bool kWiden>
+static void decode_group_avx512(const T* q, const T* k_pool, const T* v_pool, const int64_t* table, int64_t len,
+                                int64_t kv_head, int64_t G, T* out, const Shape& sh) {
+  constexpr int D = 16 * NV;
   const int64_t row = sh.KVH * sh.D;  // elements between consecutive tokens of a block
   const int64_t head_bytes = sh.D * static_cast<int64_t>(sizeof(T));
-  __m512 qv[NV], acc[NV];
-  for (int i = 0; i < NV; ++i) {
-    qv[i] = _mm512_mul_ps(load16(q + 16 * i), _mm512_set1_ps(sh.scale));
-    acc[i] = _mm512_setzero_ps();
-  }
-  float running_max = -1e30f, running_sum = 0.0f;  // online softmax state
+  alignas(64) float queries[kMaxGroup * D], accs[kMaxGroup * D];  // (G, D) scaled queries, accumulators
+  alignas(64) float keys_f[16 * D], values_f[16 * D];               // (16, D) this chunk, widened
   alignas(64) float weights[16];
+  float running_max[kMaxGroup], running_sum[kMaxGroup];           // online softmax state per head
+  for (int64_t g = 0; g < G; ++g) {
+    for (int i = 0; i < NV; ++i) {
+      _mm512_store_ps(queries + g * D + 16 * i, _mm512_mul_ps(load16(q + g * D + 16 * i), _mm512_set1_ps(sh.scale)));
+      _mm512_store_ps(accs + g * D + 16 * i, _mm512_setzero_ps());
+    }
+    running_max[g] = -1e30f;
+    running_sum[g] = 0.0f;
+  }
   const int64_t num_blocks = (len + sh.BS - 1) / sh.BS;
   for (int64_t b = 0; b < num_blocks; ++b) {
     const int64_t base = table[b] * sh.BS * row + kv_head * sh.D;  // token 0 of block b, this head
@@ -154,52 +165,68 @@ static void decode_head_avx512(const T* q, const T* k_pool, const T* v_pool, con
     for (int64_t c = 0; c < in_block; c += 16) {
       const int n = static_cast<int>(std::min<int64_t>(16, in_block - c));
       const T* keys = k_pool + base + c * row;
-      for (int t = 0; t < n; ++t) {
-        __m512 dot = _mm512_mul_ps(qv[0], load16(keys + t * row));
-        for (int i = 1; i < NV; ++i) dot = _mm512_fmadd_ps(qv[i], load16(keys + t * row + 16 * i), dot);
-        weights[t] = _mm512_reduce_add_ps(dot);
-      }
-      const __mmask16 valid = static_cast<__mmask16>((1u << n) - 1u);
-      const __m512 scores = _mm512_mask_loadu_ps(_mm512_set1_ps(-1e30f), valid, weights);
-      const float new_max = std::max(running_max, _mm512_reduce_max_ps(scores));
-      const __m512 probs = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(scores, _mm512_set1_ps(new_max))));
-      const float rescale = std::exp(running_max - new_max);
-      running_sum = running_sum * rescale + _mm512_reduce_add_ps(probs);
-      running_max = new_max;
-      _mm512_store_ps(weights, probs);
-      for (int i = 0; i < NV; ++i) acc[i] = _mm512_mul_ps(acc[i], _mm512_set1_ps(rescale));
       const T* values = v_pool + base + c * row;
-      for (int t = 0; t < n; ++t) {
-        const __m512 w = _mm512_set1_ps(weights[t]);
-        for (int i = 0; i < NV; ++i) acc[i] = _mm512_fmadd_ps(w, load16(values + t * row + 16 * i), acc[i]);
+      // a group widens the chunk once into L1; a lone head (G = 1) reads the pool directly
+      auto key = [&](int t, int i) { return kWiden ? _mm512_load_ps(keys_f + t * D + 16 * i) : load16(keys + t * row + 16 * i); };
+      auto value = [&](int t, int i) { return kWiden ? _mm512_load_ps(values_f + t * D + 16 * i) : load16(values + t * row + 16 * i); };
+      if constexpr (kWiden)
+        for (int t = 0; t < n; ++t)
+          for (int i = 0; i < NV; ++i) {
+            _mm512_store_ps(keys_f + t * D + 16 * i, load16(keys + t * row + 16 * i));
+            _mm512_store_ps(values_f + t * D + 16 * i, load16(values + t * row + 16 * i));
+          }
+      const __mmask16 valid = static_cast<__mmask16>((1u << n) - 1u);
+      for (int64_t g = 0; g < G; ++g) {
+        __m512 qv[NV], acc[NV];
+        for (int i = 0; i < NV; ++i) qv[i] = _mm512_load_ps(queries + g * D + 16 * i);
+        for (int t = 0; t < n; ++t) {
+          __m512 dot = _mm512_mul_ps(qv[0], key(t, 0));
+          for (int i = 1; i < NV; ++i) dot = _mm512_fmadd_ps(qv[i], key(t, i), dot);
+          weights[t] = _mm512_reduce_add_ps(dot);
+        }
+        const __m512 scores = _mm512_mask_loadu_ps(_mm512_set1_ps(-1e30f), valid, weights);
+        const float new_max = std::max(running_max[g], _mm512_reduce_max_ps(scores));
+        const __m512 probs = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(scores, _mm512_set1_ps(new_max))));
+        const float rescale = std::exp(running_max[g] - new_max);
+        running_sum[g] = running_sum[g] * rescale + _mm512_reduce_add_ps(probs);
+        running_max[g] = new_max;
+        _mm512_store_ps(weights, probs);
+        for (int i = 0; i < NV; ++i) acc[i] = _mm512_mul_ps(_mm512_load_ps(accs + g * D + 16 * i), _mm512_set1_ps(rescale));
+        for (int t = 0; t < n; ++t) {
+          const __m512 w = _mm512_set1_ps(weights[t]);
+          for (int i = 0; i < NV; ++i) acc[i] = _mm512_fmadd_ps(w, value(t, i), acc[i]);
+        }
+        for (int i = 0; i < NV; ++i) _mm512_store_ps(accs + g * D + 16 * i, acc[i]);
       }
     }
   }
-  alignas(64) float result[16 * NV];
-  const __m512 inv = _mm512_set1_ps(1.0f / running_sum);
-  for (int i = 0; i < NV; ++i) _mm512_store_ps(result + 16 * i, _mm512_mul_ps(acc[i], inv));
-  for (int d = 0; d < 16 * NV; ++d) out[d] = static_cast<T>(result[d]);
+  for (int64_t g = 0; g < G; ++g) {
+    const float inv = 1.0f / running_sum[g];
+    for (int d = 0; d < D; ++d) out[g * D + d] = static_cast<T>(accs[g * D + d] * inv);
+  }
 }
 
 template <typename T>
 static bool decode_all_avx512(const T* q, const T* k_pool, const T* v_pool, const int64_t* tables, const int64_t* lens,
                               int64_t S, int64_t MB, T* out, const Shape& sh) {
-  auto run = [&](auto head_fn) {
-    const int64_t G = sh.H / sh.KVH;
-    at::parallel_for(0, S * sh.H, 1, [&](int64_t begin, int64_t end) {
+  const int64_t G = sh.H / sh.KVH;
+  if (G > kMaxGroup) return false;
+  auto run = [&](auto widened_fn, auto direct_fn) {
+    at::parallel_for(0, S * sh.KVH, 1, [&](int64_t begin, int64_t end) {
       for (int64_t item = begin; item < end; ++item) {
-        const int64_t s = item / sh.H, h = item % sh.H;
+        const int64_t s = item / sh.KVH, kv_head = item % sh.KVH;
         TORCH_CHECK(lens[s] >= 1 && lens[s] <= MB * sh.BS, "sequence length outside its block table");
-        head_fn(q + item * sh.D, k_pool, v_pool, tables + s * MB, lens[s], h / G, out + item * sh.D, sh);
+        const int64_t first = (s * sh.H + kv_head * G) * sh.D;  // the group's query heads are adjacent
+        (G > 1 ? widened_fn : direct_fn)(q + first, k_pool, v_pool, tables + s * MB, lens[s], kv_head, G, out + first, sh);
       }
     });
   };
   switch (sh.D) {
-    case 16: run(decode_head_avx512<T, 1>); return true;
-    case 32: run(decode_head_avx512<T, 2>); return true;
-    case 64: run(decode_head_avx512<T, 4>); return true;
-    case 128: run(decode_head_avx512<T, 8>); return true;
-    case 256: run(decode_head_avx512<T, 16>); return true;
+    case 16: run(decode_group_avx512<T, 1, true>, decode_group_avx512<T, 1, false>); return true;
+    case 32: run(decode_group_avx512<T, 2, true>, decode_group_avx512<T, 2, false>); return true;
+    case 64: run(decode_group_avx512<T, 4, true>, decode_group_avx512<T, 4, false>); return true;
+    case 128: run(decode_group_avx512<T, 8, true>, decode_group_avx512<T, 8, false>); return true;
+    case 256: run(decode_group_avx512<T, 16, true>, decode_group_avx512<T, 16, false>); return true;
     default: return false;
   }
 }
