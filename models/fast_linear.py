@@ -54,23 +54,21 @@ class PackedLinear(nn.Module):
         self.amx = amx_kernel() if use_amx else None
         if self.amx is not None and not _is_amx_layout(self.packed_weight, linear.weight):
             self.amx = None
+        # address and size of the opaque packed buffer, read once (this module keeps it alive)
+        self.weight_buffer = (torch.ops.mkldnn.data_ptr(self.packed_weight), torch.ops.mkldnn._nbytes(self.packed_weight))
         bias_f32 = None if linear.bias is None or self.amx is None else linear.bias.detach().float()
         self.register_buffer("bias_f32", bias_f32, persistent=False)  # the AMX epilogue adds in float32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.amx is not None and x.shape[0] <= AMX_MAX_ROWS:
-            return self.amx.amx_linear(x, *self._weight_buffer(), self.bias_f32, self.out_features, 0)
+            return self.amx.amx_linear(x, *self.weight_buffer, self.bias_f32, self.out_features, 0)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
 
     def forward_gelu_tanh(self, x: torch.Tensor) -> torch.Tensor:
         """gelu(linear(x), approximate="tanh") with the activation applied before rounding to bf16."""
         if self.amx is not None and x.shape[0] <= AMX_MAX_ROWS:
-            return self.amx.amx_linear(x, *self._weight_buffer(), self.bias_f32, self.out_features, _GELU_TANH)
+            return self.amx.amx_linear(x, *self.weight_buffer, self.bias_f32, self.out_features, _GELU_TANH)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "gelu", [], "tanh")
-
-    def _weight_buffer(self) -> tuple[int, int]:
-        """Address and size of the opaque packed tensor's buffer (this module keeps it alive)."""
-        return torch.ops.mkldnn.data_ptr(self.packed_weight), torch.ops.mkldnn._nbytes(self.packed_weight)
 
 
 def linear_gelu_tanh(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
