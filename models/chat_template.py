@@ -4,7 +4,8 @@ A checkpoint's template (Hugging Face `tokenizer_config.json` `chat_template`, o
 `tokenizer.chat_template`) is Jinja source. It is rendered the way `transformers` does it: a
 sandboxed environment with `trim_blocks`/`lstrip_blocks`, the `raise_exception` and
 `strftime_now` helpers, a `tojson` filter that keeps non-ASCII text, and the variables
-`messages`, `add_generation_prompt`, `bos_token`, `eos_token`.
+`messages`, `add_generation_prompt`, `bos_token`, `eos_token`, and `tools` when the request has
+any (OpenAI's `{"type": "function", "function": {...}}` dicts, as transformers passes them).
 
 Checkpoints without a template (GPT-2, nanoGPT) get a plain transcript instead:
 
@@ -25,7 +26,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 
 def render_chat(template: str | None, messages: list[dict], add_generation_prompt: bool,
-                bos_token: str = "", eos_token: str = "") -> str:
+                bos_token: str = "", eos_token: str = "", tools: list[dict] | None = None) -> str:
     """Render `messages` with `template`, or with the plain transcript when it is None.
 
     Raises ValueError when the template is not valid Jinja or rejects the conversation
@@ -34,11 +35,16 @@ def render_chat(template: str | None, messages: list[dict], add_generation_promp
     if template is None:
         return render_plain_chat(messages, add_generation_prompt)
     try:
-        return _compile(template).render(messages=messages,
+        return _compile(template).render(messages=messages, tools=tools or None,
                                          add_generation_prompt=add_generation_prompt,
                                          bos_token=bos_token, eos_token=eos_token)
     except jinja2.TemplateError as error:
         raise ValueError(f"the chat template rejected these messages: {error}") from error
+
+
+def supports_tools(template: str | None) -> bool:
+    """Whether a template renders tool definitions itself (it reads the `tools` variable)."""
+    return template is not None and "tools" in template
 
 
 def render_plain_chat(messages: list[dict], add_generation_prompt: bool) -> str:

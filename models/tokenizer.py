@@ -89,9 +89,10 @@ class Tokenizer(ABC):
         """Whether `skip_special_tokens` drops this token (BOS/EOS/control tokens)."""
         return token_id in self._special_ids
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> str:
         """Render a conversation with the checkpoint's template (see models/chat_template.py)."""
-        return render_chat(self.chat_template, messages, add_generation_prompt,
+        return render_chat(self.chat_template, messages, add_generation_prompt, tools=tools,
                            bos_token=self._token_text(self.bos_token_id),
                            eos_token=self._token_text(self.eos_token_id))
 

@@ -169,7 +169,7 @@ def test_openai_client_completions_with_extras(tiny_server):
                                     temperature=0.8, top_p=0.9, seed=3, presence_penalty=0.5,
                                     frequency_penalty=0.5, user="tester",
                                     extra_body={"top_k": 20, "min_p": 0.01, "repetition_penalty": 1.1,
-                                                "ignore_eos": True, "min_tokens": 2, "some_future_field": 1})
+                                                "ignore_eos": True, "min_tokens": 2})
     assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == 6
     stream = client.completions.create(model=TINY_MODEL, prompt="Hi", max_tokens=5, stream=True,
                                        temperature=0, extra_body={"ignore_eos": True})

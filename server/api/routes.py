@@ -45,7 +45,7 @@ async def list_models(request: Request) -> ModelList:
 
 @router.post("/tokenize", response_model=TokenizeResponse, responses=ERROR_RESPONSES)
 async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
-    return _serving(request).tokens.tokenize(body)
+    return await _serving(request).tokens.tokenize(body)
 
 
 @router.post("/detokenize", response_model=DetokenizeResponse, responses=ERROR_RESPONSES)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from models.detokenizer import IncrementalDetokenizer
 from models.loader import LoadedModel
 from server.config import EngineConfig
+from server.engine.grammar import GrammarCompiler
 from server.engine.kv_cache import BlockManager
 from server.engine.outputs import ChoiceDelta, RequestStats, StepStats, TokenLogprobs
 from server.engine.runner import ModelRunner, StepResult
@@ -65,7 +66,8 @@ class Engine:
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
                                    config.max_num_batched_tokens, self.max_model_len)
-        self.runner = ModelRunner(loaded, num_blocks, config.block_size, config.fast_kernels)
+        self.grammars = GrammarCompiler(self.tokenizer)
+        self.runner = ModelRunner(loaded, num_blocks, config.block_size, config.fast_kernels, self.grammars)
         self.stop_token_ids = set(self.tokenizer.stop_token_ids)
         self.requests: dict[str, _Request] = {}
         self._choices: dict[int, _Choice] = {}  # seq_id -> choice
@@ -90,7 +92,8 @@ class Engine:
             params: sampling and stopping settings.
         Raises:
             RequestRejected: the prompt plus max_tokens can never fit the context or the pool.
-            ValueError: empty prompt, duplicate request id, token ids outside the vocabulary.
+            ValueError: empty prompt, duplicate request id, token ids outside the vocabulary,
+                an invalid grammar (InvalidGrammar).
         """
         if not prompt_token_ids:
             raise ValueError("the prompt must contain at least one token")
@@ -101,9 +104,11 @@ class Engine:
         if params.max_tokens is None:
             params.max_tokens = max(self.max_model_len - len(prompt_token_ids), 0)
         arrival = arrival_time if arrival_time is not None else time.monotonic()
+        grammar = self.grammars.compile(params.grammar) if params.grammar is not None else None
         request = _Request(request_id, arrival)
         for index in range(params.n):
             seq = Sequence(next(self._seq_ids), request_id, prompt_token_ids, params, arrival, index)
+            seq.grammar = grammar.deep_copy() if grammar is not None else None
             if index == 0 or not self.config.enable_prefix_caching:
                 self.scheduler.add(seq)  # every choice passes the same check: all or none queued
             else:
@@ -182,6 +187,8 @@ class Engine:
                 continue
             self._record_token_time(seq, now, stats)
             seq.append_token(sampled.token_id)
+            if seq.grammar is not None:
+                seq.grammar.consume_token(sampled.token_id)
             text, reason = self._check_stop(choice, sampled.token_id)
             logprobs = [sampled.logprobs] if sampled.logprobs is not None else None
             deltas.append(self._finish_or_continue(choice, [sampled.token_id], text, logprobs, reason, now))
@@ -207,8 +214,9 @@ class Engine:
         text, stopped = choice.stop_checker.process(choice.detokenizer.add(token_id))
         if stopped:
             return text, FinishReason.STOP
+        grammar_done = seq.grammar is not None and (seq.grammar.is_stopped() or seq.grammar.is_error())
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.stop_token_ids)
-        if token_id in stop_ids and seq.num_output_tokens >= params.min_tokens:
+        if grammar_done or (token_id in stop_ids and seq.num_output_tokens >= params.min_tokens):
             reason = FinishReason.STOP
         elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
             reason = FinishReason.LENGTH

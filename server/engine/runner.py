@@ -18,6 +18,7 @@ from models.attention import DecodeWorkspace, build_attention_metadata
 from models.fast_linear import pack_linear_layers
 from models.fused_attention import decode_kernel
 from models.loader import LoadedModel
+from server.engine.grammar import GrammarCompiler
 from server.engine.sampler import Sampler, SamplingRow, prompt_logprobs
 from server.engine.scheduler import ScheduledChunk, SchedulerOutput
 from server.engine.sequence import Sequence
@@ -50,7 +51,8 @@ class StepResult:
 class ModelRunner:
     """Owns the model, its paged KV pool and the sampler."""
 
-    def __init__(self, loaded: LoadedModel, num_blocks: int, block_size: int, fast_kernels: bool = True):
+    def __init__(self, loaded: LoadedModel, num_blocks: int, block_size: int, fast_kernels: bool = True,
+                 grammars: GrammarCompiler | None = None):
         self.model, self.device, self.block_size = loaded.model, loaded.device, block_size
         self.stop_token_ids = list(loaded.tokenizer.stop_token_ids)
         spec = self.model.kv_cache_spec
@@ -66,7 +68,7 @@ class ModelRunner:
         if fast_kernels:
             pack_linear_layers(self.model)
             self.use_fused_decode = self.device.type == "cpu" and decode_kernel() is not None
-        self.sampler = Sampler()
+        self.sampler = Sampler(grammars)
         self.generators: dict[int, torch.Generator] = {}
 
     @torch.inference_mode()
@@ -131,7 +133,8 @@ class ModelRunner:
                 generator = torch.Generator(device=self.device).manual_seed(params.seed + seq.choice_index)
                 self.generators[seq.seq_id] = generator
         stop_ids = ([] if params.ignore_eos else self.stop_token_ids) + list(params.stop_token_ids)
-        return SamplingRow(params, seq.prompt_token_ids, seq.output_token_ids, generator, stop_ids)
+        return SamplingRow(params, seq.prompt_token_ids, seq.output_token_ids, generator, stop_ids,
+                           seq.grammar)
 
     def _prompt_logprobs(self, hidden: torch.Tensor, row_start: int, chunk: ScheduledChunk) -> PromptLogprobs:
         """Logprobs of prompt tokens start+1 .. predicted by this chunk's rows."""

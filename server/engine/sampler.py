@@ -6,7 +6,7 @@ positions (echo scoring).
 One call runs a fixed pipeline of batched tensor stages in float32. Each stage is skipped when no
 row of the batch uses it, so an all-greedy batch without penalties is one argmax:
 
-    raw logprobs -> penalties -> min_tokens mask -> argmax (greedy rows, done)
+    raw logprobs -> penalties -> min_tokens mask -> grammar mask -> argmax (greedy rows, done)
                  -> temperature -> top_k + top_p (one sort) -> min_p -> exponential race
 
 Rows differ only through small per-row parameter tensors of shape (S, 1), and a stage a row does
@@ -16,10 +16,12 @@ depend on its batch companions. Seeded rows draw their noise from their own gene
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from server.engine.grammar import GrammarCompiler, apply_bitmask
 from server.engine.sampling_params import SamplingParams
 
 
@@ -31,6 +33,7 @@ class SamplingRow:
     output_token_ids: list[int]
     generator: torch.Generator | None  # seeded per request, on the logits' device; None: global RNG
     stop_token_ids: list[int]          # EOS (unless ignore_eos) + params.stop_token_ids
+    grammar: Any = None                # the sequence's llguidance matcher (structured output)
 
 
 @dataclass
@@ -42,7 +45,13 @@ class SamplerOutput:
 
 
 class Sampler:
-    """Batched sampling; stateless, the per-request state lives in the rows."""
+    """Batched sampling; stateless, the per-request state lives in the rows.
+
+    `grammars` computes the token masks of rows with a grammar (structured output).
+    """
+
+    def __init__(self, grammars: GrammarCompiler | None = None):
+        self.grammars = grammars
 
     def __call__(self, logits: Tensor, rows: list[SamplingRow]) -> SamplerOutput:
         assert logits.dim() == 2 and logits.shape[0] == len(rows), (logits.shape, len(rows))
@@ -51,6 +60,7 @@ class Sampler:
         raw_logprobs = logits.log_softmax(dim=-1) if wants_logprobs else None  # (S, V)
         logits = apply_penalties(logits, rows)
         logits = mask_stop_tokens(logits, rows)
+        logits = self.apply_grammars(logits, rows)
         token_ids = logits.max(dim=-1).indices  # (S,) first maximum, like argmax but faster on CPU; final for greedy rows
         # only non-greedy rows draw noise: a seeded greedy row leaves its generator untouched
         sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
@@ -58,6 +68,15 @@ class Sampler:
             index = torch.tensor(sampled, device=logits.device)  # (S',)
             token_ids[index] = sample(logits[index], [rows[i] for i in sampled])  # (S',)
         return _with_logprobs(token_ids, raw_logprobs, rows)
+
+    def apply_grammars(self, logits: Tensor, rows: list[SamplingRow]) -> Tensor:
+        """-inf for every token a row's grammar does not allow next (rows without one: as is)."""
+        constrained = [i for i, r in enumerate(rows) if r.grammar is not None]
+        if not constrained:
+            return logits
+        bitmask = self.grammars.fill_bitmask([rows[i].grammar for i in constrained])  # (S', W)
+        index = torch.tensor(constrained, device=logits.device)  # (S',)
+        return logits.index_put((index,), apply_bitmask(logits[index], bitmask))  # (S, V)
 
 
 def sample(logits: Tensor, rows: list[SamplingRow]) -> Tensor:
@@ -110,8 +129,9 @@ def apply_penalties(logits: Tensor, rows: list[SamplingRow]) -> Tensor:
 
 def mask_stop_tokens(logits: Tensor, rows: list[SamplingRow]) -> Tensor:
     """Forbid EOS and stop ids (-inf) for rows that have not produced min_tokens yet."""
-    masked = [r.stop_token_ids if len(r.output_token_ids) < r.params.min_tokens else []
-              for r in rows]
+    # A grammar decides alone when its text is complete (its mask may allow nothing but EOS).
+    masked = [r.stop_token_ids if len(r.output_token_ids) < r.params.min_tokens and r.grammar is None
+              else [] for r in rows]
     if not any(masked):
         return logits
     hits = token_counts(masked, logits) > 0  # (S, V)

@@ -6,8 +6,22 @@ into this, the sampler turns a batch of these into tensors.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 MAX_TOP_LOGPROBS = 20
+
+GrammarKind = Literal["json_schema", "regex", "choice", "grammar"]
+
+
+@dataclass(frozen=True, slots=True)
+class GrammarSpec:
+    """A constraint on the output text: what kind, and its source (hashable: compiled once).
+
+    json_schema: a JSON schema as JSON text; regex: a regular expression; choice: a JSON list of
+    strings; grammar: a Lark or GBNF grammar.
+    """
+    kind: GrammarKind
+    value: str
 
 
 @dataclass
@@ -29,6 +43,7 @@ class SamplingParams:
     logprobs: int | None = None       # None: no logprobs; k >= 0: sampled token + top-k
     prompt_logprobs: int | None = None  # None: none; k >= 0: per prompt token (first is None)
     skip_special_tokens: bool = True
+    grammar: GrammarSpec | None = None  # structured output: only tokens the grammar allows
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

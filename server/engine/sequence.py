@@ -59,6 +59,7 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.finish_reason: FinishReason | None = None
         self.num_preemptions = 0
+        self.grammar = None  # llguidance matcher when params.grammar is set (advanced per token)
         # Timestamps for metrics, written by the engine.
         self.arrival_time = arrival_time
         self.first_scheduled_time: float | None = None

@@ -1,5 +1,9 @@
 """What every serving module shares: model check, sampling params, starting engine requests,
-collecting or streaming their deltas, SSE framing, and aborting when the client goes away."""
+collecting or streaming their deltas, SSE framing, and aborting when the client goes away.
+
+Work that grows with the input (tokenizing, rendering the chat template, compiling a grammar)
+runs in a worker thread (`asyncio.to_thread`), so one long prompt does not stall every stream.
+"""
 from __future__ import annotations
 
 import asyncio
@@ -11,12 +15,16 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
 
+from models.chat_template import supports_tools
 from models.tokenizer import Tokenizer
 from server.api.errors import APIError, error_body
 from server.api.protocol import ChatMessage, SamplingFields
+from server.api.tool_format import hermes_messages
+from server.api.tool_protocol import ToolDefinition
 from server.api.responses import Usage
 from server.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError, RequestStream
 from server.engine.engine import merge_delta
+from server.engine.grammar import InvalidGrammar
 from server.engine.outputs import ChoiceDelta
 from server.engine.sampling_params import SamplingParams
 
@@ -33,6 +41,7 @@ class Serving:
         self.tokenizer: Tokenizer = async_engine.engine.tokenizer
         self.max_model_len: int = async_engine.engine.max_model_len
         self.vocab_size: int = async_engine.engine.vocab_size
+        self.grammars = async_engine.engine.grammars
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
@@ -44,18 +53,41 @@ class Serving:
         if bad:
             raise APIError(400, f"{param}: token id {bad[0]} is outside [0, {self.vocab_size})", param=param)
 
-    def sampling_params(self, body: SamplingFields) -> SamplingParams:
+    async def sampling_params(self, body: SamplingFields) -> SamplingParams:
+        """The engine's params; an output constraint is compiled here, so a bad one is a 400
+        that names its field (the engine then finds it in the compiler's cache)."""
         try:
+            constraint = body.grammar()
             params = body.to_sampling_params()
         except ValueError as error:
             raise APIError(400, str(error)) from error
         self.check_token_ids(params.stop_token_ids, "stop_token_ids")
+        if constraint is not None:
+            param, spec = constraint
+            try:
+                await asyncio.to_thread(self.grammars.compile, spec)
+            except InvalidGrammar as error:
+                raise APIError(400, f"{param}: {error}", param=param) from error
         return params
 
-    def chat_prompt_ids(self, messages: list[ChatMessage]) -> list[int]:
-        """The conversation through the chat template, with the generation prompt."""
+    async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens)
+
+    async def chat_prompt_ids(self, messages: list[ChatMessage], tools: list[ToolDefinition] = ()) -> list[int]:
+        return await asyncio.to_thread(self._chat_prompt_ids, messages, list(tools))
+
+    def _chat_prompt_ids(self, messages: list[ChatMessage], tools: list[ToolDefinition]) -> list[int]:
+        """The conversation through the chat template, with the generation prompt. Tools go
+        through the template when it renders them, else into a Hermes-style system prompt."""
+        dicts = [m.to_template_dict() for m in messages]
+        has_tool_turns = any(m.role == "tool" or m.tool_calls for m in messages)
         try:
-            text = self.tokenizer.apply_chat_template([m.to_template_dict() for m in messages])
+            if supports_tools(self.tokenizer.chat_template):
+                text = self.tokenizer.apply_chat_template(
+                    dicts, tools=[t.model_dump(exclude_none=True) for t in tools] or None)
+            else:
+                text = self.tokenizer.apply_chat_template(
+                    hermes_messages(dicts, tools) if tools or has_tool_turns else dicts)
         except ValueError as error:
             raise APIError(400, str(error), param="messages") from error
         ids = self.tokenizer.encode(text)

@@ -36,8 +36,8 @@ class _Job:
 class CompletionServing(Serving):
     async def create(self, body: CompletionRequest, raw: Request):
         self.check_model(body.model)
-        params = self.sampling_params(body)
-        job = _Job(body, f"cmpl-{uuid.uuid4().hex}", [self._prompt(p) for p in body.prompts()])
+        params = await self.sampling_params(body)
+        job = _Job(body, f"cmpl-{uuid.uuid4().hex}", [await self._prompt(p) for p in body.prompts()])
         stream = await self.start(job.request_id, [p.ids for p in job.prompts], params, "prompt")
         if body.stream:
             return EngineStreamingResponse(self._chunks(job, stream), stream)
@@ -46,9 +46,9 @@ class CompletionServing(Serving):
         finally:
             stream.close()
 
-    def _prompt(self, prompt: str | list[int]) -> _Prompt:
+    async def _prompt(self, prompt: str | list[int]) -> _Prompt:
         if isinstance(prompt, str):
-            return _Prompt(self.tokenizer.encode(prompt), prompt)
+            return _Prompt(await self.encode(prompt), prompt)
         self.check_token_ids(prompt, "prompt")
         return _Prompt(list(prompt), None)
 

@@ -7,13 +7,13 @@ from server.api.serving.base import Serving
 
 
 class TokenServing(Serving):
-    def tokenize(self, body: TokenizeRequest) -> TokenizeResponse:
+    async def tokenize(self, body: TokenizeRequest) -> TokenizeResponse:
         """A prompt as /v1/completions encodes it; messages as /v1/chat/completions does."""
         self.check_model(body.model)
         if body.messages is not None:
-            ids = self.chat_prompt_ids(body.messages)
+            ids = await self.chat_prompt_ids(body.messages)
         else:
-            ids = self.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+            ids = await self.encode(body.prompt, body.add_special_tokens)
         return TokenizeResponse(tokens=ids, count=len(ids))
 
     def detokenize(self, body: DetokenizeRequest) -> DetokenizeResponse:
