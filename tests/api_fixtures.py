@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = "random:tiny-qwen2"
+DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
 def free_port() -> int:
@@ -129,4 +130,12 @@ def tiny_server() -> Iterator[RunningServer]:
     """One float32 tiny-Qwen2 server shared by the HTTP tests (fp32: greedy comparisons
     across batch compositions stay exact)."""
     with run_server("--dtype", "float32") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def default_server() -> Iterator[RunningServer]:
+    """The real default model (bf16 where the CPU has it), shared by the structured-output and
+    tool tests."""
+    with run_server(model=DEFAULT_MODEL) as server:
         yield server

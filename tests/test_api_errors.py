@@ -13,6 +13,7 @@ CMPL, CHAT = "/v1/completions", "/v1/chat/completions"
 OK_PROMPT = {"model": TINY_MODEL, "prompt": "hi", "max_tokens": 2}
 OK_CHAT = {"model": TINY_MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 JSON = {"content-type": "application/json"}
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"x": {"type": "integer"}}}}}
 
 
 def cmpl(**fields) -> dict:
@@ -80,6 +81,31 @@ CASES = [
     ("lone-surrogate-stop", CMPL, b'{"prompt": "a", "stop": ["\\udfff"]}', 400, "surrogate"),
     ("lone-surrogate-model", CMPL, b'{"prompt": "a", "model": "\\ud800"}', 400, "surrogate"),
     ("lone-surrogate-chat", CHAT, b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\ud800"}]}]}', 400, "surrogate"),
+    # structured output, tools, and fields nanoserve does not implement
+    ("response-format-unknown-type", CHAT, chat(response_format={"type": "xml"}), 400, "response_format"),
+    ("response-format-schema-missing", CHAT, chat(response_format={"type": "json_schema"}), 400, "json_schema"),
+    ("json-schema-invalid", CHAT, chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "foo"}}}), 400, "response_format.json_schema.schema"),
+    ("regex-invalid", CMPL, cmpl(structured_outputs={"regex": "a(b"}), 400, "structured_outputs.regex"),
+    ("guided-regex-invalid", CMPL, cmpl(guided_regex="[z-a]"), 400, "guided_regex"),
+    ("grammar-undefined-rule", CMPL, cmpl(guided_grammar="start: missing_rule"), 400, "guided_grammar"),
+    ("guided-json-invalid", CMPL, cmpl(guided_json={"type": "object", "properties": {"a": {"type": "nope"}}}), 400, "guided_json"),
+    ("two-constraints", CMPL, cmpl(guided_regex="a", guided_choice=["a"]), 400, "at most one"),
+    ("structured-outputs-empty", CMPL, cmpl(structured_outputs={}), 400, "exactly one"),
+    ("guided-choice-empty", CMPL, cmpl(guided_choice=[]), 400, "guided_choice"),
+    ("response-format-on-completions", CMPL, cmpl(response_format={"type": "json_object"}), 400, "response_format"),
+    ("unknown-field", CMPL, cmpl(some_future_field=1), 400, "some_future_field"),
+    ("logit-bias-set", CMPL, cmpl(logit_bias={"5": 10}), 400, "logit_bias"),
+    ("best-of", CMPL, cmpl(best_of=3), 400, "best_of"),
+    ("suffix", CMPL, cmpl(suffix="the end"), 400, "suffix"),
+    ("legacy-functions", CHAT, chat(functions=[{"name": "f"}]), 400, "functions"),
+    ("tool-choice-without-tools", CHAT, chat(tool_choice="required"), 400, "tool_choice"),
+    ("tool-choice-unknown-function", CHAT, chat(tools=[TOOL], tool_choice={"type": "function", "function": {"name": "g"}}), 400, "'g'"),
+    ("tool-names-duplicate", CHAT, chat(tools=[TOOL, TOOL]), 400, "unique"),
+    ("tool-name-invalid", CHAT, chat(tools=[{"type": "function", "function": {"name": "bad name!"}}]), 400, "name"),
+    ("tool-parameters-invalid", CHAT, chat(tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "foo"}}}], tool_choice="required"), 400, "tool_choice"),
+    ("tool-message-without-id", CHAT, chat(messages=[{"role": "user", "content": "hi"}, {"role": "tool", "content": "42"}]), 400, "tool_call_id"),
+    ("tool-call-arguments-not-json", CHAT, chat(messages=[{"role": "assistant", "content": None, "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{oops"}}]}]), 400, "arguments"),
+    ("tool-calls-on-user", CHAT, chat(messages=[{"role": "user", "content": "hi", "tool_calls": [{"id": "c", "function": {"name": "f", "arguments": "{}"}}]}]), 400, "tool_calls"),
     ("tokenize-neither", "/tokenize", {"model": TINY_MODEL}, 400, "prompt or messages"),
     ("tokenize-both", "/tokenize", {"prompt": "a", "messages": [{"role": "user", "content": "a"}]}, 400, ""),
     ("tokenize-unknown-model", "/tokenize", {"model": "nope", "prompt": "a"}, 404, "nope"),
@@ -105,6 +131,16 @@ def test_bad_input_gets_openai_error(tiny_server, name, path, body, status, need
             response = client.post(path, json=body)
     error = assert_openai_error(response, status)
     assert needle.lower() in error["message"].lower(), error
+
+
+def test_harmless_fields_and_no_op_defaults_are_accepted(tiny_server):
+    """Bookkeeping fields and unimplemented fields at their no-op values are ignored (README)."""
+    with tiny_server.client() as client:
+        for path, body in [(CMPL, cmpl(user="u", logit_bias={}, best_of=1, suffix="", metadata={"a": "b"})),
+                           (CHAT, chat(user="u", store=False, service_tier="auto", functions=[], modalities=["text"],
+                                       response_format={"type": "text"}, parallel_tool_calls=False))]:
+            response = client.post(path, json=body)
+            assert response.status_code == 200, (path, response.text)
 
 
 def test_context_errors_state_the_limit_and_both_lengths(tiny_server):
@@ -143,7 +179,9 @@ WEIRD = [None, -1, 0, 1e308, -1e308, "x", "", [], {}, [[]], True, 2**64, -(2**64
 FIELDS = ["prompt", "max_tokens", "temperature", "top_p", "top_k", "min_p", "n", "stop", "seed", "logprobs",
           "echo", "presence_penalty", "frequency_penalty", "repetition_penalty", "ignore_eos", "min_tokens",
           "stop_token_ids", "stream_options", "model", "user"]
-CHAT_FIELDS = ["messages", "max_completion_tokens", "logprobs", "top_logprobs"]
+CHAT_FIELDS = ["messages", "max_completion_tokens", "logprobs", "top_logprobs", "response_format", "tools",
+               "tool_choice", "parallel_tool_calls", "structured_outputs", "guided_json", "guided_regex",
+               "guided_choice", "guided_grammar"]
 
 
 def test_fuzzed_fields_never_give_5xx(tiny_server):

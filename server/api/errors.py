@@ -76,6 +76,8 @@ def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
     if param is None and first.get("type") == "missing":
         return "the request body is empty; send a JSON object", None
     message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    if first.get("type") == "extra_forbidden":
+        message = "nanoserve does not support this field (see the README's list of supported fields)"
     return (f"{param}: {message}" if param else message), param
 
 

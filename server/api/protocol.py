@@ -238,8 +238,10 @@ class ChatCompletionRequest(SamplingFields):
         response_format = response_format_grammar(self.response_format)
         if response_format is not None:
             found.append(response_format)
-        if self.effective_tool_choice not in ("none", "auto"):
-            found.append(("tool_choice", forced_call_grammar(self.active_tools, self.parallel_tool_calls)))
+        choice = self.effective_tool_choice
+        if choice not in ("none", "auto"):  # "required" or a named function (exactly one call)
+            parallel = choice == "required" and self.parallel_tool_calls
+            found.append(("tool_choice", forced_call_grammar(self.active_tools, parallel)))
         return found
 
     def to_sampling_params(self) -> SamplingParams:
