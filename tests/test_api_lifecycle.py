@@ -106,7 +106,7 @@ def test_serve_help_lists_every_flag():
         assert flag in out, flag
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def broken_engine_server():
     """build_app with an injected engine whose step() fails after a few calls, on uvicorn in a thread."""
     from models.loader import load_model
@@ -144,14 +144,20 @@ def _status(url: str) -> int | None:
         return None
 
 
-def test_dying_engine_loop_fails_requests_loudly(broken_engine_server):
+@pytest.mark.parametrize("stream", [True, False], ids=["sse", "json"])
+def test_dying_engine_loop_fails_requests_loudly(broken_engine_server, stream):
     url = broken_engine_server
     body = {"model": TINY_MODEL, "prompt": "doomed", "max_tokens": 100, "ignore_eos": True}
     with httpx.Client(base_url=url, timeout=30) as client:
-        with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as response:
-            assert response.status_code == 200
-            frames = [line for line in response.iter_lines() if line]
-        assert '"error"' in frames[-2] and "simulated GPU fault" in frames[-2] and frames[-1] == "data: [DONE]"
+        if stream:
+            with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as response:
+                assert response.status_code == 200
+                frames = [line for line in response.iter_lines() if line]
+            assert '"error"' in frames[-2] and "simulated GPU fault" in frames[-2] and frames[-1] == "data: [DONE]"
+        else:  # the engine dies while the request waits for its whole answer: 503, not 500
+            response = client.post("/v1/completions", json=body)
+            assert response.status_code == 503, response.text
+            assert "simulated GPU fault" in response.json()["error"]["message"]
         assert _status(url + "/health") == 503
         after = client.post("/v1/completions", json=body)
         assert after.status_code == 503 and "engine" in after.json()["error"]["message"]

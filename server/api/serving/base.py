@@ -118,8 +118,11 @@ def usage(num_prompt_tokens: int, num_completion_tokens: int) -> Usage:
 async def collect(stream: RequestStream) -> dict[tuple[int, int], ChoiceDelta]:
     """Run a request to the end. Returns (prompt index, choice index) -> merged delta."""
     merged: dict[tuple[str, int], ChoiceDelta] = {}
-    async for _, delta in stream:
-        merge_delta(merged, delta)
+    try:
+        async for _, delta in stream:
+            merge_delta(merged, delta)
+    except EngineDeadError as error:  # the engine loop died under this request: 503, as streams say
+        raise APIError(503, str(error)) from error
     index_of = {rid: i for i, rid in enumerate(stream.request_ids)}
     return {(index_of[rid], index): delta for (rid, index), delta in merged.items()}
 
