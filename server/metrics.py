@@ -99,11 +99,6 @@ class Metrics:
         self.queue_time.observe(request.queue_time)
         self.request_prompt_tokens.observe(request.num_prompt_tokens)
         self.request_generation_tokens.observe(request.num_generation_tokens)
-        # The engine counts prompt tokens when a request samples its first token; a request
-        # that finished normally without sampling one (echo scoring, max_tokens 0) still
-        # processed its prompt.
-        if request.time_to_first_token is None and request.finish_reason != "abort":
-            self.prompt_tokens.inc(request.num_prompt_tokens)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

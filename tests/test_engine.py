@@ -171,6 +171,32 @@ def test_unbounded_max_tokens_stops_at_context(tiny_gpt2):
     assert choice.finish_reason == "length" and choice.num_output_tokens == 29
 
 
+def test_min_tokens_holds_off_stop_strings(tiny_gpt2):
+    """A stop string that appears before min_tokens does not end the request; one after does."""
+    engine = Engine(tiny_gpt2, EngineConfig(num_kv_blocks=128, block_size=4))
+    prompt = tiny_gpt2.tokenizer.encode("The quick brown fox")
+    (full,) = engine.generate([prompt], greedy(12))
+    first_token_text = tiny_gpt2.tokenizer.decode(full[0].token_ids[:1])
+    assert first_token_text and full[0].text.startswith(first_token_text)
+    (early,) = engine.generate([prompt], greedy(12, stop=[first_token_text]))
+    assert early[0].text == "" and early[0].finish_reason == "stop"
+    (held,) = engine.generate([prompt], greedy(12, stop=[first_token_text], min_tokens=6))
+    assert len(held[0].token_ids) >= 6 and held[0].text.startswith(first_token_text)
+    later = full[0].text.find(first_token_text, len(tiny_gpt2.tokenizer.decode(full[0].token_ids[:6])))
+    assert held[0].text == (full[0].text if later < 0 else full[0].text[:later])
+
+
+def test_prompt_only_requests_count_their_prompt_tokens(tiny_gpt2):
+    """max_tokens 0 samples nothing, yet its prompt was computed: the step stats (which the log
+    line and Prometheus both read) count it once."""
+    engine = Engine(tiny_gpt2, EngineConfig(num_kv_blocks=64, block_size=4))
+    engine.add_request("score", [1, 2, 3, 4, 5, 6], greedy(0, prompt_logprobs=0))
+    prompt_tokens = 0
+    while engine.has_unfinished():
+        prompt_tokens += engine.step()[1].num_prompt_tokens
+    assert prompt_tokens == 6
+
+
 def test_step_stats_count_tokens(tiny_gpt2):
     engine = Engine(tiny_gpt2, EngineConfig(num_kv_blocks=64, block_size=4))
     engine.add_request("a", [1, 2, 3, 4, 5], greedy(4))

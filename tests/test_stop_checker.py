@@ -130,3 +130,11 @@ def test_any_split_gives_text_up_to_first_match(case, cuts):
     matches = [i for i in (text.find(s) for s in stop) if i >= 0]
     assert emitted == text[:min(matches, default=len(text))]
     assert checker.text == emitted and checker.stopped == bool(matches)
+
+
+def test_matches_are_passed_over_until_stopping_is_allowed():
+    checker = StopChecker(["ab"])
+    assert checker.process("xab", can_stop=False) == ("xab", False)
+    assert checker.process("ya", can_stop=False) == ("y", False)   # "a" may still become "ab"
+    assert checker.process("bz", can_stop=True) == ("", True)
+    assert checker.text == "xaby"

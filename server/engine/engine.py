@@ -211,12 +211,13 @@ class Engine:
 
     def _check_stop(self, choice: _Choice, token_id: int) -> tuple[str, FinishReason | None]:
         seq, params = choice.seq, choice.seq.params
-        text, stopped = choice.stop_checker.process(choice.detokenizer.add(token_id))
+        can_stop = seq.num_output_tokens >= params.min_tokens
+        text, stopped = choice.stop_checker.process(choice.detokenizer.add(token_id), can_stop)
         if stopped:
             return text, FinishReason.STOP
         grammar_done = seq.grammar is not None and (seq.grammar.is_stopped() or seq.grammar.is_error())
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.stop_token_ids)
-        if grammar_done or (token_id in stop_ids and seq.num_output_tokens >= params.min_tokens):
+        if grammar_done or (token_id in stop_ids and can_stop):
             reason = FinishReason.STOP
         elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
             reason = FinishReason.LENGTH
@@ -270,6 +271,8 @@ class Engine:
     def _retire(self, request: _Request, now: float, stats: StepStats | None) -> None:
         """Drop a finished request's state; record its stats."""
         first = request.choices[0].seq
+        if request.first_token_time is None and first.finish_reason != FinishReason.ABORT and stats is not None:
+            stats.num_prompt_tokens += first.num_prompt_tokens  # prompt-only (max_tokens 0): computed, never sampled
         for choice in request.choices:
             self._choices.pop(choice.seq.seq_id, None)
             self.runner.release(choice.seq.seq_id)

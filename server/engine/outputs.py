@@ -50,7 +50,7 @@ class StepStats:
     num_waiting: int
     kv_cache_usage: float
     num_preemptions: int = 0            # in this step
-    num_prompt_tokens: int = 0          # prompt tokens of requests that got their first token
+    num_prompt_tokens: int = 0          # prompt tokens of requests that got their first token (or ended prompt-only)
     num_generation_tokens: int = 0      # tokens sampled in this step
     num_prefix_queried_tokens: int = 0  # in this step
     num_prefix_hit_tokens: int = 0

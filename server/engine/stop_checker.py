@@ -15,6 +15,7 @@ checker keeps a small `pending` buffer of text it has not released yet. After ea
   characters, and a streaming client never sees part of a stop string.
 
 The final text is therefore `text[:first_match]` (or all of it), however the text was split.
+Before a request's min_tokens are generated, matches are passed over (`can_stop=False`).
 """
 from __future__ import annotations
 
@@ -28,14 +29,20 @@ class StopChecker:
         self.stopped = False
         self._pending = ""   # received, not yet released
 
-    def process(self, new_text: str) -> tuple[str, bool]:
-        """Feed newly detokenized text; returns (text safe to emit now, stopped)."""
+    def process(self, new_text: str, can_stop: bool = True) -> tuple[str, bool]:
+        """Feed newly detokenized text; returns (text safe to emit now, stopped).
+
+        can_stop=False (min_tokens not reached yet): a match is passed over, but a tail that
+        could still become a stop string is held back as usual.
+        """
         if self.stopped:
             return "", True
         if not self.stop:
             self.text += new_text
             return new_text, False
         self._pending += new_text
+        if not can_stop:
+            return self._release(self._held_back_start()), False
         match = self._earliest_match()
         hold = self._held_back_start()
         if match is not None and match <= hold:
