@@ -17,6 +17,16 @@ def decode_kernel():
     return load_kernel("nanoserve_paged_decode", "paged_decode_attention.cpp")
 
 
+def describe_decode_path(head_dim: int) -> str:
+    """Which code path decode attention takes for this head dim, for the load log."""
+    kernel = decode_kernel()
+    if kernel is None:
+        return "PyTorch gather + SDPA (the fused kernel did not build)"
+    if kernel.has_avx512_path() and head_dim % 16 == 0:
+        return f"fused C++ kernel, AVX-512 single-pass online softmax (head dim {head_dim})"
+    return f"fused C++ kernel, portable three-pass path (head dim {head_dim})"
+
+
 def fused_decode_attention(q: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor], block_tables: torch.Tensor,
                            seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
     """q (S, H, D) against each sequence's cached keys/values -> (S, H, D)."""

@@ -16,9 +16,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from models.gguf_tokenizer import tokenizer_from_gguf
 from models.gpt2 import GPT2, GPT2Config
 from models.hf_checkpoint import hf_to_qwen_state_dict
 from models.qwen import QwenConfig, QwenModel
+from models.state_dict import load_state_dict
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "gpt2")
 
@@ -47,8 +49,6 @@ def load_gguf(path: Path) -> tuple[torch.nn.Module, "Tokenizer", int]:
     """Model, tokenizer and context length from a GGUF file."""
     import gguf
 
-    from models.loader import load_state_dict
-    from models.tokenizer import tokenizer_from_gguf
 
     try:
         reader = gguf.GGUFReader(path)

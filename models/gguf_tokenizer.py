@@ -45,7 +45,7 @@ END_OF_GENERATION_TEXTS = {"<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_o
                            "<|end|>", "<end_of_turn>"}
 
 
-def gguf_tokenizer(reader) -> Tokenizer:
+def tokenizer_from_gguf(reader) -> Tokenizer:
     """Build the tokenizer of an open `gguf.GGUFReader`."""
     model = _field(reader, "tokenizer.ggml.model")
     if model is None:

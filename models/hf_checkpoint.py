@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from models.gpt2 import GPT2, GPT2Config
 from models.qwen import QwenConfig, QwenModel
+from models.state_dict import load_state_dict
 
 SUPPORTED_MODEL_TYPES = ("gpt2", "qwen2", "qwen3", "llama")
 GPT2_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -99,7 +100,6 @@ def hf_to_qwen_state_dict(tensors: dict[str, torch.Tensor]) -> dict[str, torch.T
 
 def load_hf_dir(path: Path) -> tuple[torch.nn.Module, "Tokenizer", int]:
     """Model, tokenizer and context length from a Hugging Face checkpoint directory."""
-    from models.loader import load_state_dict
     from models.tokenizer import gpt2_tokenizer, qwen_tokenizer, tokenizer_from_hf_dir
 
     config = read_hf_config(path)

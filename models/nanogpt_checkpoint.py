@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 
 from models.gpt2 import GPT2, GPT2Config
+from models.state_dict import load_state_dict
 
 
 def load_nanogpt(path: Path) -> tuple[GPT2, "Tokenizer", int]:
     """Model, tokenizer and context length from a ckpt.pt file (or the folder holding it)."""
-    from models.loader import load_state_dict
     from models.tokenizer import char_tokenizer, gpt2_tokenizer
 
     ckpt_file = path / "ckpt.pt" if path.is_dir() else path

@@ -68,7 +68,7 @@ def _smollm2_tokenizer() -> "Tokenizer":
     """SmolLM2's vocabulary, read from the default model's GGUF."""
     import gguf
 
-    from models.loader import builtin_model_path
-    from models.tokenizer import tokenizer_from_gguf
+    from models.builtin import builtin_model_path
+    from models.gguf_tokenizer import tokenizer_from_gguf
 
     return tokenizer_from_gguf(gguf.GGUFReader(builtin_model_path("smollm2-135m-instruct")))

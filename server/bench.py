@@ -18,27 +18,25 @@ import resource
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import torch
 
 from models.loader import LoadedModel, load_model
+from server.bench_baselines import run_hf_generate, run_naive, to_transformers
+from server.bench_results import BenchResult
 from server.config import EngineConfig
 from server.engine.engine import Engine
-from server.engine.sampling_params import SamplingParams
+from server.engine.sampling_params import GrammarSpec, SamplingParams
 
 
-@dataclass
-class BenchResult:
-    name: str
-    num_prompts: int
-    input_len: int
-    output_len: int
-    elapsed_s: float
-    requests_per_s: float
-    output_tokens_per_s: float
-    total_tokens_per_s: float
-    extra: dict = field(default_factory=dict)
+# `--structured-output json`: every request must write this (at least 100 objects, so no request
+# can finish before --output-len; JSON structure, strings and integers all take part in the mask).
+BENCH_JSON_SCHEMA = GrammarSpec("json_schema", json.dumps({
+    "type": "array", "minItems": 100, "items": {
+        "type": "object", "required": ["id", "name", "tags"], "additionalProperties": False,
+        "properties": {"id": {"type": "integer"}, "name": {"type": "string", "maxLength": 12},
+                       "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "maxItems": 3}}}}))
 
 
 def make_prompts(num: int, input_len: int, vocab_size: int, shared_prefix: bool, seed: int = 0) -> list[list[int]]:
@@ -86,24 +84,26 @@ def matmul_params_per_token(model: torch.nn.Module) -> int:
     return sum(m.in_features * m.out_features for m in linears)
 
 
-def run_engine(loaded: LoadedModel, prompts: list[list[int]], output_len: int, config: EngineConfig) -> BenchResult:
+def run_engine(loaded: LoadedModel, prompts: list[list[int]], output_len: int, config: EngineConfig,
+               grammar: GrammarSpec | None = None) -> BenchResult:
     engine = Engine(loaded, config)
-    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True, grammar=grammar)
     for i, prompt in enumerate(prompts):
         engine.add_request(f"bench-{i}", prompt, params)
     decode_steps: dict[int, list[float]] = {}
     decode_contexts: dict[int, list[int]] = {}  # tokens of context the step's sequences attend to
-    start = time.perf_counter()
+    start, num_out = time.perf_counter(), 0
     while engine.has_unfinished():
         context = sum(seq.num_computed_tokens + 1 for seq in engine.scheduler.running)
         step_start = time.perf_counter()
         _, stats = engine.step()
         _sync(loaded.device)
+        num_out += stats.num_generation_tokens
         if stats.batch_size and stats.num_batched_tokens == stats.batch_size:  # decode only
             decode_steps.setdefault(stats.batch_size, []).append(time.perf_counter() - step_start)
             decode_contexts.setdefault(stats.batch_size, []).append(context)
     elapsed = time.perf_counter() - start
-    num_out = len(prompts) * output_len
+    assert num_out == len(prompts) * output_len, f"generated {num_out} tokens, expected {len(prompts) * output_len}"
     num_in = sum(len(p) for p in prompts)
     kv_bytes = sum(k.numel() * k.element_size() * 2 for k, _ in engine.runner.kv_caches)
     extra = {"kv_cache_gib": round(kv_bytes / 2**30, 2),
@@ -112,7 +112,8 @@ def run_engine(loaded: LoadedModel, prompts: list[list[int]], output_len: int, c
              "decode_context_tokens_median": {b: int(statistics.median(c)) for b, c in sorted(decode_contexts.items())},
              "preemptions": engine.scheduler.num_preemptions,
              "prefix_hit_tokens": engine.block_manager.num_prefix_hit_tokens}
-    return BenchResult("nanoserve", len(prompts), len(prompts[0]), output_len, elapsed,
+    name = "nanoserve" if grammar is None else "nanoserve + JSON schema"
+    return BenchResult(name, len(prompts), len(prompts[0]), output_len, elapsed,
                        len(prompts) / elapsed, num_out / elapsed, (num_in + num_out) / elapsed, extra)
 
 
@@ -146,8 +147,6 @@ def run_bench(args) -> int:
     read_gbps = read_bandwidth_gbps(loaded.device)
     hf_model = None
     if args.baseline == "hf":  # copy the weights before the engine packs them for oneDNN
-        from server.bench_baselines import to_transformers
-
         hf_model = to_transformers(loaded)
     results = [run_engine(loaded, prompts, args.output_len, config)]
     results[0].extra.update(roofline(loaded, results[0], peak, read_gbps))
@@ -155,13 +154,11 @@ def run_bench(args) -> int:
     results[0].extra["weights_gib"] = round(weights_gib(loaded.model), 2)
     results[0].extra["kv_cache_gib"] = results[0].extra.pop("kv_cache_gib")
     if args.baseline == "hf":
-        from server.bench_baselines import run_hf_generate
-
         results.append(run_hf_generate(loaded, hf_model, prompts, args.output_len))
     elif args.baseline == "naive":
-        from server.bench_baselines import run_naive
-
         results.append(run_naive(loaded, prompts, args.output_len))
+    if args.structured_output == "json":  # same prompts and engine, every request under a JSON schema
+        results.append(run_engine(loaded, prompts, args.output_len, config, BENCH_JSON_SCHEMA))
     print_results(args, loaded, results)
     if args.json_path:
         with open(args.json_path, "w") as f:
@@ -178,9 +175,9 @@ def print_results(args, loaded: LoadedModel, results: list[BenchResult]) -> None
               f"{r.total_tokens_per_s:9.1f} total tok/s  ({r.elapsed_s:.1f}s)")
         for key, value in r.extra.items():
             print(f"      {key}: {value}")
-    if len(results) > 1:
-        ratio = results[0].output_tokens_per_s / results[1].output_tokens_per_s
-        print(f"  nanoserve / {results[1].name}: {ratio:.2f}x output tokens/s")
+    for other in results[1:]:
+        ratio = results[0].output_tokens_per_s / other.output_tokens_per_s
+        print(f"  nanoserve / {other.name}: {ratio:.2f}x output tokens/s")
     sys.stdout.flush()
 
 

@@ -12,7 +12,7 @@ import torch
 
 from models.gpt2 import GPT2
 from models.loader import LoadedModel
-from server.bench import BenchResult
+from server.bench_results import BenchResult
 
 HF_BATCH_SIZES = (8, 16, 32, 64)
 

@@ -6,7 +6,8 @@ import argparse
 import logging
 import sys
 
-from models.loader import DEFAULT_MODEL
+from models.builtin import DEFAULT_MODEL
+from models.loader import ModelLoadError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,7 +21,11 @@ def main(argv: list[str] | None = None) -> int:
     _use_all_cores()
     logging.basicConfig(level=getattr(args, "log_level", "INFO").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    return args.run(args) or 0
+    try:
+        return args.run(args) or 0
+    except ModelLoadError as error:  # a user's mistake, not a bug: one sentence, no traceback
+        print(f"nanoserve {args.command}: error: {error}", file=sys.stderr)
+        return 1
 
 
 def _use_all_cores() -> None:
@@ -87,6 +92,8 @@ def _add_bench(sub) -> None:
     p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
     p.add_argument("--baseline", choices=["none", "hf", "naive"], default="none",
                    help="also run the same workload through HF generate (static batches) or the naive no-cache loop")
+    p.add_argument("--structured-output", choices=["none", "json"], default="none",
+                   help="json: also run every request under a JSON schema (grammar mask cost, same prompts)")
     p.add_argument("--json", dest="json_path", default=None, help="write the results as JSON here")
     p.set_defaults(run=_run_bench)
 

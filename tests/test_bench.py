@@ -21,3 +21,15 @@ def test_bench_reports_throughput_and_roofline(tmp_path, capsys, baseline):
     assert 0 < extra["roofline_fraction"] and 0 < extra["memory_roofline_fraction"]
     assert extra["step_read_mb"] > 0 and extra["decode_batch"] == 4  # 4 prompts decode together
     assert "output tok/s" in capsys.readouterr().out
+
+
+def test_bench_compares_json_constrained_requests(tmp_path, capsys):
+    """--structured-output json runs the same prompts again, each under a JSON schema that no
+    request can finish before --output-len, so both runs generate the same number of tokens."""
+    out = tmp_path / "bench.json"
+    main(["bench", "--model", "random:tiny-qwen2", "--dtype", "float32", "--num-prompts", "4", "--input-len", "8",
+          "--output-len", "12", "--structured-output", "json", "--json", str(out)])
+    free, constrained = json.loads(out.read_text())
+    assert (free["name"], constrained["name"]) == ("nanoserve", "nanoserve + JSON schema")
+    assert constrained["output_tokens_per_s"] > 0 and constrained["extra"]["decode_step_counts"]
+    assert "nanoserve / nanoserve + JSON schema" in capsys.readouterr().out

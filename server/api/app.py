@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from models.loader import load_model
+from models.loader import ModelLoadError, load_model
 from server.api import __version__
 from server.api.errors import add_error_handlers
 from server.api.middleware import ApiKeyMiddleware, BodyLimitMiddleware
@@ -68,7 +68,10 @@ async def _load_and_serve(app: FastAPI, config: ServerConfig) -> None:
     try:
         engine = await asyncio.to_thread(_build_engine, config)
     except Exception as error:  # noqa: BLE001 - report and stop the server, do not hang at 503
-        log.exception("could not load model %r", config.model)
+        if isinstance(error, ModelLoadError):
+            log.error("%s", error)
+        else:
+            log.exception("could not load model %r", config.model)
         app.state.load_error = error
         if app.state.on_fatal is not None:
             app.state.on_fatal()

@@ -8,7 +8,7 @@ import argparse
 import os
 from dataclasses import dataclass, field
 
-from models.loader import DEFAULT_MODEL
+from models.builtin import DEFAULT_MODEL
 from server.config import EngineConfig
 
 

@@ -183,8 +183,7 @@ class Engine:
         deltas = []
         for sampled in result.sampled:
             seq, choice = sampled.seq, self._choices[sampled.seq.seq_id]
-            if seq.is_finished:  # aborted while the step ran
-                continue
+            assert not seq.is_finished, "aborts are applied between steps, never during one"
             self._record_token_time(seq, now, stats)
             seq.append_token(sampled.token_id)
             if seq.grammar is not None:

@@ -16,7 +16,7 @@ import torch
 
 from models.attention import DecodeWorkspace, build_attention_metadata
 from models.fast_linear import pack_linear_layers
-from models.fused_attention import decode_kernel
+from models.fused_attention import decode_kernel, describe_decode_path
 from models.loader import LoadedModel
 from server.engine.grammar import GrammarCompiler
 from server.engine.sampler import Sampler, SamplingRow, prompt_logprobs
@@ -68,6 +68,10 @@ class ModelRunner:
         if fast_kernels:
             pack_linear_layers(self.model)
             self.use_fused_decode = self.device.type == "cpu" and decode_kernel() is not None
+        if self.use_fused_decode:
+            log.info("decode attention: %s", describe_decode_path(spec.head_dim))
+        elif self.device.type == "cpu":
+            log.info("decode attention: PyTorch gather + SDPA (fast kernels %s)", "off" if not fast_kernels else "unavailable")
         self.sampler = Sampler(grammars)
         self.generators: dict[int, torch.Generator] = {}
 

@@ -163,8 +163,7 @@ class Scheduler:
         """
         for chunk in output.chunks:
             seq = chunk.seq
-            if seq.is_finished:            # aborted while the step ran: blocks already freed
-                continue
+            assert not seq.is_finished, "aborts are applied between steps, never during one"
             seq.num_computed_tokens += chunk.num_new_tokens
             assert seq.num_computed_tokens <= seq.num_tokens
             self.block_manager.commit_computed_blocks(seq)

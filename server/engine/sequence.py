@@ -62,7 +62,6 @@ class Sequence:
         self.grammar = None  # llguidance matcher when params.grammar is set (advanced per token)
         # Timestamps for metrics, written by the engine.
         self.arrival_time = arrival_time
-        self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None
         self.last_token_time: float | None = None
         self.finished_time: float | None = None

@@ -1,0 +1,28 @@
+"""Every `nanoserve` command given a model it cannot load prints one sentence and exits 1:
+no Python traceback for a user's mistake (here: a config.json of an unsupported model_type)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.api_fixtures import ROOT, free_port
+
+
+@pytest.fixture(scope="module")
+def unsupported_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("mamba")
+    (path / "config.json").write_text(json.dumps({"model_type": "mamba", "hidden_size": 64}))
+    return path
+
+
+@pytest.mark.parametrize("command", [["generate", "hello"], ["bench", "--num-prompts", "1"],
+                                     ["serve", "--port", str(free_port())]])
+def test_unloadable_model_is_one_sentence_and_exit_1(unsupported_checkpoint, command):
+    argv = [sys.executable, "-m", "server.cli", command[0], "--model", str(unsupported_checkpoint), *command[1:]]
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "model_type 'mamba'" in done.stderr and "not supported" in done.stderr
