@@ -43,11 +43,13 @@ def test_each_spec_is_compiled_once_and_bad_ones_say_why(compiler):
 
 def test_bitmask_allows_exactly_the_grammars_tokens(compiler, tiny):
     tokenizer = tiny.tokenizer
-    matchers = [compiler.matcher(DIGITS), compiler.matcher(GrammarSpec("choice", json.dumps(["yes", "no"])))]
-    bitmask = compiler.fill_bitmask(matchers)
+    matchers = [compiler.matcher(DIGITS), None, compiler.matcher(GrammarSpec("choice", json.dumps(["yes", "no"])))]
     vocab_size = tiny.model.lm_head.out_features  # the model pads the vocabulary past the tokenizer's
-    masked = apply_bitmask(torch.zeros(2, vocab_size), bitmask)
+    assert vocab_size > tokenizer.vocab_size
+    bitmask = compiler.fill_bitmask(matchers, vocab_size)
+    masked = apply_bitmask(torch.zeros(3, vocab_size), bitmask)
     allowed = [set(torch.nonzero(row == 0).flatten().tolist()) for row in masked]
+    assert allowed.pop(1) == set(range(vocab_size))  # a row without a grammar keeps every token
     digit_tokens = {i for i in range(tokenizer.vocab_size)
                     if not tokenizer.is_special(i) and re.fullmatch(rb"[0-9]{1,6}", tokenizer.token_bytes(i))}
     assert allowed[0] == digit_tokens  # no EOS yet: two digits are the minimum
@@ -56,17 +58,29 @@ def test_bitmask_allows_exactly_the_grammars_tokens(compiler, tiny):
     assert max(allowed[0] | allowed[1]) < tokenizer.vocab_size
 
 
+def test_apply_bitmask_matches_a_bit_by_bit_reference():
+    gen = torch.Generator().manual_seed(0)
+    bitmask = torch.randint(-2**31, 2**31 - 1, (3, 5), dtype=torch.int32, generator=gen)  # 160 ids
+    logits = torch.randn(3, 150, generator=gen)
+    expected = logits.clone()
+    for row in range(3):
+        for token in range(150):
+            if not (int(bitmask[row, token // 32]) >> (token % 32)) & 1:
+                expected[row, token] = float("-inf")
+    assert torch.equal(apply_bitmask(logits, bitmask), expected)
+
+
 def test_sampler_masks_only_the_constrained_rows(compiler, tiny):
     torch.manual_seed(0)
     vocab_size = tiny.model.lm_head.out_features
     logits = torch.randn(4, vocab_size)
     rows = [SamplingRow(SamplingParams(temperature=t), [1], [], None, [], matcher)
             for t, matcher in [(0.0, None), (0.0, compiler.matcher(DIGITS)), (1.0, None), (1.0, compiler.matcher(DIGITS))]]
-    out = Sampler(compiler)(logits, rows)
+    out = Sampler()(logits, rows, compiler.fill_bitmask([r.grammar for r in rows], vocab_size))
     assert out.token_ids[0] == logits[0].argmax()
     for i in (1, 3):
         assert re.fullmatch("[0-9]+", tiny.tokenizer.decode([int(out.token_ids[i])]))
-    free = Sampler(compiler)(logits[:1], rows[:1])
+    free = Sampler()(logits[:1], rows[:1])
     assert free.token_ids[0] == out.token_ids[0]
 
 

@@ -4,12 +4,15 @@ Per step it packs every scheduled chunk into `input_ids (N,)` and `positions (N,
 attention metadata (slot mapping, block tables, context lengths, query offsets), runs one
 forward over the whole mixed batch, computes logits only for the rows that sample (plus the
 prompt rows of requests that asked for prompt logprobs), and samples them in one batched call.
+Rows under a grammar (structured output) get their token bitmask from llguidance on a side
+thread while the forward runs, so the mask costs the step little more than its application.
 
 Legend: N tokens in the packed batch, S sampling rows, C channels, V vocab, K top logprobs.
 """
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -72,7 +75,10 @@ class ModelRunner:
             log.info("decode attention: %s", describe_decode_path(spec.head_dim))
         elif self.device.type == "cpu":
             log.info("decode attention: PyTorch gather + SDPA (fast kernels %s)", "off" if not fast_kernels else "unavailable")
-        self.sampler = Sampler(grammars)
+        self.sampler = Sampler()
+        self.grammars = grammars
+        self.vocab_size = self.model.lm_head.out_features
+        self._mask_thread = ThreadPoolExecutor(1, thread_name_prefix="grammar-masks")
         self.generators: dict[int, torch.Generator] = {}
 
     @torch.inference_mode()
@@ -95,26 +101,35 @@ class ModelRunner:
         meta = build_attention_metadata(query_lens, seq_lens, [c.seq.block_table for c in chunks],
                                         self.block_size, self.device)
         meta.workspace, meta.use_fused_decode = self.workspace, self.use_fused_decode
+        sampling = [i for i, c in enumerate(chunks) if c.samples and c.seq.params.max_tokens != 0]
+        masks = self._start_grammar_masks([chunks[i].seq for i in sampling])
         hidden = self.model(
             torch.tensor(input_ids, device=self.device),  # (N,)
             torch.tensor(positions, device=self.device),  # (N,)
             meta,
         )  # (N, C)
         ends = meta.query_start_loc[1:]
-        sampling = [i for i, c in enumerate(chunks) if c.samples and c.seq.params.max_tokens != 0]
         rows_at = torch.tensor([ends[i] - 1 for i in sampling], device=self.device, dtype=torch.long)
-        sampled = self._sample(hidden[rows_at], [chunks[i] for i in sampling])
+        sampled = self._sample(hidden[rows_at], [chunks[i] for i in sampling], masks)
         scored = [self._prompt_logprobs(hidden, meta.query_start_loc[i], c)
                   for i, c in enumerate(chunks) if c.seq.params.prompt_logprobs is not None
                   and c.seq.num_computed_tokens < c.seq.num_prompt_tokens]
         return StepResult(sampled, [s for s in scored if s.entries])
 
-    def _sample(self, hidden: torch.Tensor, chunks: list[ScheduledChunk]) -> list[SampledToken]:
+    def _start_grammar_masks(self, seqs: list[Sequence]) -> Future | None:
+        """The sampled rows' grammar bitmask, computed by llguidance's threads while the forward
+        runs (the matchers already hold every token sampled so far); None without grammars."""
+        matchers = [seq.grammar for seq in seqs]
+        if all(m is None for m in matchers):
+            return None
+        return self._mask_thread.submit(self.grammars.fill_bitmask, matchers, self.vocab_size)
+
+    def _sample(self, hidden: torch.Tensor, chunks: list[ScheduledChunk], masks: Future | None) -> list[SampledToken]:
         if not chunks:
             return []
         logits = self.model.compute_logits(hidden)  # (S, C) -> (S, V)
         rows = [self._sampling_row(c.seq) for c in chunks]
-        out = self.sampler(logits, rows)
+        out = self.sampler(logits, rows, masks.result() if masks is not None else None)
         token_ids = out.token_ids.tolist()
         logprobs = out.logprobs.tolist() if out.logprobs is not None else None
         top_ids = out.top_token_ids.tolist() if out.top_token_ids is not None else None

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from server.engine.grammar import GrammarCompiler, apply_bitmask
+from server.engine.grammar import apply_bitmask
 from server.engine.sampling_params import SamplingParams
 
 
@@ -45,22 +45,18 @@ class SamplerOutput:
 
 
 class Sampler:
-    """Batched sampling; stateless, the per-request state lives in the rows.
+    """Batched sampling; stateless, the per-request state lives in the rows (and, for
+    structured output, in the grammar bitmask the runner computed for them)."""
 
-    `grammars` computes the token masks of rows with a grammar (structured output).
-    """
-
-    def __init__(self, grammars: GrammarCompiler | None = None):
-        self.grammars = grammars
-
-    def __call__(self, logits: Tensor, rows: list[SamplingRow]) -> SamplerOutput:
+    def __call__(self, logits: Tensor, rows: list[SamplingRow], grammar_bitmask: Tensor | None = None) -> SamplerOutput:
         assert logits.dim() == 2 and logits.shape[0] == len(rows), (logits.shape, len(rows))
         logits = logits.to(torch.float32)  # (S, V) the stages never edit the caller's tensor
         wants_logprobs = any(r.params.logprobs is not None for r in rows)
         raw_logprobs = logits.log_softmax(dim=-1) if wants_logprobs else None  # (S, V)
         logits = apply_penalties(logits, rows)
         logits = mask_stop_tokens(logits, rows)
-        logits = self.apply_grammars(logits, rows)
+        if grammar_bitmask is not None:  # (S, W) from GrammarCompiler.fill_bitmask; free rows all ones
+            logits = apply_bitmask(logits, grammar_bitmask)
         token_ids = logits.max(dim=-1).indices  # (S,) first maximum, like argmax but faster on CPU; final for greedy rows
         # only non-greedy rows draw noise: a seeded greedy row leaves its generator untouched
         sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
@@ -68,15 +64,6 @@ class Sampler:
             index = torch.tensor(sampled, device=logits.device)  # (S',)
             token_ids[index] = sample(logits[index], [rows[i] for i in sampled])  # (S',)
         return _with_logprobs(token_ids, raw_logprobs, rows)
-
-    def apply_grammars(self, logits: Tensor, rows: list[SamplingRow]) -> Tensor:
-        """-inf for every token a row's grammar does not allow next (rows without one: as is)."""
-        constrained = [i for i, r in enumerate(rows) if r.grammar is not None]
-        if not constrained:
-            return logits
-        bitmask = self.grammars.fill_bitmask([rows[i].grammar for i in constrained])  # (S', W)
-        index = torch.tensor(constrained, device=logits.device)  # (S',)
-        return logits.index_put((index,), apply_bitmask(logits[index], bitmask))  # (S, V)
 
 
 def sample(logits: Tensor, rows: list[SamplingRow]) -> Tensor:
