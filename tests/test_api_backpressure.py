@@ -48,3 +48,38 @@ def test_flood_beyond_max_queue():
         assert_idle(server)
         m = server.metrics()
         assert m[("nanoserve_request_success_total", (("finished_reason", "length"),))] == statuses.count(200)
+
+
+def test_a_huge_prompt_does_not_stall_the_event_loop():
+    """Tokenizing runs in a worker thread: while a 40 MB prompt is being encoded (seconds), the
+    server keeps answering; on the event loop it would answer nothing until the encode ends."""
+    import random
+    import string
+    import threading
+    import time
+
+    rng = random.Random(0)
+    words = ["".join(rng.choices(string.ascii_lowercase, k=6)) for _ in range(1000)]
+    prompt = " ".join(rng.choice(words) for _ in range(6_000_000))  # ~40 MB, ~3M tokens
+    with run_server("--max-request-bytes", str(64 << 20)) as server:
+        done = threading.Event()
+
+        def post_huge() -> None:
+            with server.client(timeout=300) as client:
+                response = client.post("/v1/completions", json={"model": TINY_MODEL, "prompt": prompt, "max_tokens": 1})
+            assert response.status_code == 400  # far beyond the context, once counted
+            done.set()
+
+        thread = threading.Thread(target=post_huge)
+        thread.start()
+        latencies = []  # /health round trips that started and ended while the huge request ran
+        with server.client(timeout=60) as client:
+            while not done.is_set():
+                start = time.monotonic()
+                assert client.get("/health").status_code == 200
+                if not done.is_set():
+                    latencies.append(time.monotonic() - start)
+                time.sleep(0.05)
+        thread.join(300)
+        assert max(latencies) < 1.0, latencies  # on the event loop: one of them waits ~3 s
+        assert len(latencies) >= 5, latencies
