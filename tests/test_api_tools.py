@@ -55,14 +55,20 @@ def assert_valid_calls(calls: list[tuple[str, str]]) -> None:
 
 
 def test_required_gives_valid_calls_and_streamed_deltas_reassemble_to_them(default_server):
-    out = create(default_server, tool_choice="required")
+    out = create(default_server, tool_choice="required", parallel_tool_calls=False)
     message = out.choices[0].message
     assert out.choices[0].finish_reason == "tool_calls" and message.content is None
     calls = [(c.function.name, c.function.arguments) for c in message.tool_calls]
     assert_valid_calls(calls)
     assert all(c.id.startswith("call_") and c.type == "function" for c in message.tool_calls)
-    content, streamed, finish_reason = reassemble(create(default_server, tool_choice="required", stream=True))
+    content, streamed, finish_reason = reassemble(create(default_server, tool_choice="required", stream=True,
+                                                        parallel_tool_calls=False))
     assert (content.strip(), streamed, finish_reason) == ("", calls, "tool_calls")
+    # parallel calls allowed: a small model may go on calling until max_tokens; every call it
+    # completed still parses and validates
+    parallel = create(default_server, tool_choice="required", max_tokens=80).choices[0]
+    assert_valid_calls([(c.function.name, c.function.arguments) for c in parallel.message.tool_calls])
+    assert parallel.finish_reason in ("tool_calls", "length")
 
 
 def test_named_function_is_called_exactly_once(default_server):
