@@ -2,13 +2,16 @@
 
 PyTorch's `F.linear` re-lays out the weight for oneDNN on every call; packing it once, as
 inductor's freezing pass does, is faster with the same bf16 results. Decode steps multiply only
-a few rows (M <= 32) and are bound by streaming the weights; there oneDNN's AMX kernel reads
-~8 GB/s on this 2-core machine, so rows up to `AMX_MAX_ROWS` go to models/csrc/amx_linear.cpp,
-which streams the same packed buffer at ~20 GB/s. Prefill (large M) stays on oneDNN.
+a few rows (M <= 32) and are bound by streaming the weights, which oneDNN does slowly at small M
+(~8 GB/s on a 2-core machine). There a small-batch kernel streams the same packed buffer:
+models/csrc/amx_linear.cpp on CPUs with AMX tiles, models/csrc/bf16_dot_linear.cpp with
+AVX512-BF16 dot products on CPUs without AMX (oneDNN lays the weight out differently for each,
+and each kernel reads its CPU's layout, checked byte for byte at pack time). Prefill (large M)
+stays on oneDNN.
 
 GELU(tanh) can be fused into the matmul's epilogue (`PackedLinear.forward_gelu_tanh`), saving a
-pass over the MLP's widest activation. The LM head is packed only when the AMX kernel takes it
-(oneDNN alone is no faster there); a head tied to the token embedding then serves the embedding
+pass over the MLP's widest activation. The LM head is packed only when a small-batch kernel takes
+it (oneDNN alone is no faster there); a head tied to the token embedding then serves the embedding
 too (`PackedEmbedding` reads rows out of the packed buffer), so the table is stored once.
 `pack_linear_layers` is the one switch; without it the plain modules run.
 """
@@ -16,6 +19,9 @@ from __future__ import annotations
 
 import ctypes
 import logging
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -25,14 +31,61 @@ from models.cpu_kernels import load_kernel
 
 log = logging.getLogger(__name__)
 
-AMX_MAX_ROWS = 32  # larger batches re-read the weight per 32 rows; oneDNN blocks them better
-_GELU_TANH = 1     # activation codes of amx_linear
+_GELU_TANH = 1     # activation code of the small-batch kernels
 
 
-def amx_kernel():
-    """The AMX linear module when this CPU, kernel and process can run AMX tiles, else None."""
-    kernel = load_kernel("nanoserve_amx_linear", "amx_linear.cpp")
-    return kernel if kernel is not None and kernel.amx_available() else None
+@dataclass(frozen=True)
+class PackedLayout:
+    """A blocked bf16 weight layout oneDNN picks for this CPU:
+
+        W[n][k] at [n / cols][k / k_group][(k % k_group) / 2][n % cols][k % 2]   (N padded to cols)
+
+    AMX CPUs get 32-column blocks of 32-deep K groups (AB16b32a2b); CPUs with AVX512-BF16 and no
+    AMX get 64-column blocks of all of K in pairs (k_group None).
+    """
+
+    cols: int
+    k_group: int | None
+
+    def order(self, weight: torch.Tensor) -> torch.Tensor:
+        """`weight` (N, K) in this layout's memory order, flat, N zero-padded to whole blocks."""
+        out_features, in_features = weight.shape
+        group = self.k_group or in_features
+        padded = F.pad(weight, (0, 0, 0, -(-out_features // self.cols) * self.cols - out_features))
+        blocks = padded.reshape(-1, self.cols, in_features // group, group // 2, 2)  # [n/c][n%c][k/g][k%g/2][k%2]
+        return blocks.permute(0, 2, 3, 1, 4).flatten()
+
+    def rows(self, values: torch.Tensor, ids: torch.Tensor, in_features: int) -> torch.Tensor:
+        """Rows `ids` (T,) of the weight out of its packed `values` -> (T, K)."""
+        group = self.k_group or in_features
+        blocked = values.view(-1, in_features // group, group // 2, self.cols, 2)  # [n/c][k/g][k%g/2][n%c][k%2]
+        return blocked[ids // self.cols, :, :, ids % self.cols, :].reshape(len(ids), in_features)  # (T, K)
+
+
+AMX_LAYOUT = PackedLayout(cols=32, k_group=32)
+PAIRS64_LAYOUT = PackedLayout(cols=64, k_group=None)
+
+
+@dataclass(frozen=True)
+class SmallBatchKernel:
+    """A C++ linear for decode-sized batches that streams oneDNN's packed buffer in `layout`."""
+
+    name: str
+    layout: PackedLayout
+    max_rows: int      # more rows re-read the weight too often; oneDNN blocks them better
+    linear: Callable   # (x, address, nbytes, bias_f32 | None, N, activation) -> y
+
+
+def small_batch_kernels() -> list[SmallBatchKernel]:
+    """The kernels this CPU and build can run, in order of preference."""
+    kernels = []
+    amx = load_kernel("nanoserve_amx_linear", "amx_linear.cpp")
+    if amx is not None and amx.amx_available():
+        kernels.append(SmallBatchKernel("AMX", AMX_LAYOUT, 32, amx.amx_linear))
+    dot = load_kernel("nanoserve_bf16_dot_linear", "bf16_dot_linear.cpp")
+    if dot is not None and dot.bf16_dot_available():
+        kernels.append(SmallBatchKernel("AVX512-BF16", PAIRS64_LAYOUT, 32, dot.bf16_dot_linear))
+    return kernels
 
 
 def _packed_values(packed: torch.Tensor) -> torch.Tensor:
@@ -42,32 +95,43 @@ def _packed_values(packed: torch.Tensor) -> torch.Tensor:
     return torch.frombuffer(raw, dtype=torch.bfloat16)
 
 
-class PackedLinear(nn.Module):
-    """Drop-in for nn.Linear with the weight stored in oneDNN's blocked layout."""
+def _in_layout(packed: torch.Tensor, weight: torch.Tensor, layout: PackedLayout) -> bool:
+    """Whether oneDNN stored `weight` in `layout` (checked on the bytes, once at pack time)."""
+    out_features, in_features = weight.shape
+    if in_features % 32 or (layout.k_group and in_features % layout.k_group):
+        return False
+    expected = layout.order(weight.detach())
+    if torch.ops.mkldnn._nbytes(packed) < expected.numel() * 2:
+        return False
+    return torch.equal(_packed_values(packed)[:expected.numel()], expected)
 
-    def __init__(self, linear: nn.Linear, use_amx: bool = True):
+
+class PackedLinear(nn.Module):
+    """Drop-in for nn.Linear with the weight stored in oneDNN's blocked layout; decode-sized
+    batches go to a small-batch kernel when one reads this CPU's layout."""
+
+    def __init__(self, linear: nn.Linear, use_small_batch: bool = True):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.packed_weight = nn.Parameter(
             torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None), requires_grad=False)
         self.bias = linear.bias
-        self.amx = amx_kernel() if use_amx else None
-        if self.amx is not None and not _is_amx_layout(self.packed_weight, linear.weight):
-            self.amx = None
+        kernels = small_batch_kernels() if use_small_batch else []
+        self.kernel = next((k for k in kernels if _in_layout(self.packed_weight, linear.weight, k.layout)), None)
         # address and size of the opaque packed buffer, read once (this module keeps it alive)
         self.weight_buffer = (torch.ops.mkldnn.data_ptr(self.packed_weight), torch.ops.mkldnn._nbytes(self.packed_weight))
-        bias_f32 = None if linear.bias is None or self.amx is None else linear.bias.detach().float()
-        self.register_buffer("bias_f32", bias_f32, persistent=False)  # the AMX epilogue adds in float32
+        bias_f32 = None if linear.bias is None or self.kernel is None else linear.bias.detach().float()
+        self.register_buffer("bias_f32", bias_f32, persistent=False)  # the kernels' epilogue adds in float32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.amx is not None and x.shape[0] <= AMX_MAX_ROWS:
-            return self.amx.amx_linear(x, *self.weight_buffer, self.bias_f32, self.out_features, 0)
+        if self.kernel is not None and x.shape[0] <= self.kernel.max_rows:
+            return self.kernel.linear(x, *self.weight_buffer, self.bias_f32, self.out_features, 0)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
 
     def forward_gelu_tanh(self, x: torch.Tensor) -> torch.Tensor:
         """gelu(linear(x), approximate="tanh") with the activation applied before rounding to bf16."""
-        if self.amx is not None and x.shape[0] <= AMX_MAX_ROWS:
-            return self.amx.amx_linear(x, *self.weight_buffer, self.bias_f32, self.out_features, _GELU_TANH)
+        if self.kernel is not None and x.shape[0] <= self.kernel.max_rows:
+            return self.kernel.linear(x, *self.weight_buffer, self.bias_f32, self.out_features, _GELU_TANH)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "gelu", [], "tanh")
 
 
@@ -78,33 +142,18 @@ def linear_gelu_tanh(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return F.gelu(linear(x), approximate="tanh")
 
 
-def _is_amx_layout(packed: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether oneDNN chose the AB16b32a2b layout the AMX kernel reads (checked on the bytes)."""
-    out_features, in_features = weight.shape
-    padded_out = -(-out_features // 32) * 32
-    if in_features % 32 or torch.ops.mkldnn._nbytes(packed) < padded_out * in_features * 2:
-        return False
-    packed_values = _packed_values(packed)[:padded_out * in_features]
-    padded = F.pad(weight.detach(), (0, 0, 0, padded_out - out_features))  # zero rows up to a whole block
-    # W[n][k] -> [n / 32][k / 32][(k % 32) / 2][n % 32][k % 2]
-    expected = padded.reshape(padded_out // 32, 32, in_features // 32, 16, 2).permute(0, 2, 3, 1, 4)
-    return torch.equal(packed_values, expected.flatten())
-
-
 class PackedEmbedding(nn.Module):
-    """Token embedding read out of a tied LM head's packed (AB16b32a2b) weight."""
+    """Token embedding read out of a tied LM head's packed weight (in its kernel's layout)."""
 
     def __init__(self, head: PackedLinear):
         super().__init__()
         self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
         self._owner = (head,)  # keeps the buffer alive without registering the head twice
-        blocks = -(-head.out_features // 32)
-        values = _packed_values(head.packed_weight)[:blocks * 32 * head.in_features]
-        self._blocks = values.view(blocks, head.in_features // 32, 16, 32, 2)  # [n/32][k/32][k%32/2][n%32][k%2]
+        self._layout = head.kernel.layout
+        self._values = _packed_values(head.packed_weight)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        flat = ids.reshape(-1)
-        rows = self._blocks[flat // 32, :, :, flat % 32, :]  # (T, K/32, 16, 2)
+        rows = self._layout.rows(self._values, ids.reshape(-1), self.embedding_dim)  # (T, C)
         return rows.reshape(*ids.shape, self.embedding_dim)
 
 
@@ -114,26 +163,28 @@ def can_pack(model: nn.Module) -> bool:
             and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
-def pack_linear_layers(model: nn.Module, use_amx: bool = True) -> int:
-    """Replace nn.Linear layers by PackedLinear (the LM head only for AMX); returns how many."""
+def pack_linear_layers(model: nn.Module, use_small_batch: bool = True) -> int:
+    """Replace nn.Linear layers by PackedLinear (the LM head only where a small-batch kernel
+    takes it); returns how many. Logs which path the linears take on this CPU."""
     if not can_pack(model):
         return 0
     targets = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear) and name != "lm_head"]
     for name, linear in targets:
-        _replace(model, name, PackedLinear(linear, use_amx))
-    packed_head = _pack_lm_head(model, use_amx)
-    on_amx = sum(1 for module in model.modules() if isinstance(module, PackedLinear) and module.amx is not None)
-    log.info("packed %d linear layers for oneDNN (%d with the AMX small-batch kernel)",
-             len(targets) + packed_head, on_amx)
+        _replace(model, name, PackedLinear(linear, use_small_batch))
+    packed_head = _pack_lm_head(model, use_small_batch)
+    by_kernel = Counter(m.kernel.name for m in model.modules() if isinstance(m, PackedLinear) and m.kernel is not None)
+    kernels = ", ".join(f"{count} with the {name} small-batch kernel" for name, count in by_kernel.items())
+    log.info("packed %d linear layers for oneDNN (%s)", len(targets) + packed_head,
+             kernels or "none with a small-batch kernel: this CPU has neither AMX nor AVX512-BF16")
     return len(targets) + packed_head
 
 
-def _pack_lm_head(model: nn.Module, use_amx: bool) -> bool:
+def _pack_lm_head(model: nn.Module, use_small_batch: bool) -> bool:
     head = getattr(model, "lm_head", None)
     if not isinstance(head, nn.Linear):
         return False
-    packed = PackedLinear(head, use_amx)
-    if packed.amx is None:
+    packed = PackedLinear(head, use_small_batch)
+    if packed.kernel is None:
         return False
     tied = [name for name, module in model.named_modules()
             if isinstance(module, nn.Embedding) and module.weight is head.weight]

@@ -1,11 +1,11 @@
-"""The packed-weight linear (oneDNN, and the AMX small-batch kernel where this CPU has it) is a
-drop-in for nn.Linear."""
+"""The packed-weight linear (oneDNN, and the small-batch kernel for this CPU: AMX, or AVX512-BF16
+without AMX) is a drop-in for nn.Linear."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from models.fast_linear import (AMX_MAX_ROWS, PackedEmbedding, PackedLinear, amx_kernel, can_pack, linear_gelu_tanh,
-                                pack_linear_layers)
+from models.fast_linear import (AMX_LAYOUT, PAIRS64_LAYOUT, PackedEmbedding, PackedLinear, can_pack,
+                                linear_gelu_tanh, pack_linear_layers, small_batch_kernels)
 from models.loader import load_model
 
 needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
@@ -26,16 +26,17 @@ def _close_to_fp32(actual: torch.Tensor, expected_fp32: torch.Tensor) -> None:
 
 
 @needs_onednn
-@pytest.mark.parametrize("use_amx", [False, True])
-@pytest.mark.parametrize("rows", [1, 5, 16, 17, 32, 33, 70])
+@pytest.mark.parametrize("use_small_batch", [False, True])
+@pytest.mark.parametrize("rows", [1, 5, 6, 7, 16, 17, 32, 33, 70])
 @pytest.mark.parametrize("shape,bias", [((64, 96), True), ((128, 64), False), ((96, 100), True), ((48, 64), True)])
-def test_packed_linear_equals_linear(use_amx, rows, shape, bias):
-    """Every row count crosses the AMX tile edges (16, 32) and the oneDNN hand-over (> 32);
-    (96, 100) has N padded to a whole block, (48, 64) a K that only oneDNN takes."""
+def test_packed_linear_equals_linear(use_small_batch, rows, shape, bias):
+    """Row counts cross the AMX tile edges (16, 32), the AVX512-BF16 register tile (6) and the
+    oneDNN hand-over (> 32); (96, 100) has N padded to a whole block, (48, 64) a K that only
+    oneDNN takes."""
     linear = _bf16_linear(*shape, bias=bias)
-    packed = PackedLinear(linear, use_amx=use_amx)
-    if use_amx and amx_kernel() is not None:
-        assert (packed.amx is not None) == (shape[0] % 32 == 0)
+    packed = PackedLinear(linear, use_small_batch=use_small_batch)
+    if use_small_batch and small_batch_kernels():
+        assert (packed.kernel is not None) == (shape[0] % 32 == 0)
     x = torch.randn(rows, shape[0]).to(torch.bfloat16)
     expected = F.linear(x.float(), linear.weight.float(), None if linear.bias is None else linear.bias.float())
     _close_to_fp32(packed(x), expected)
@@ -43,16 +44,39 @@ def test_packed_linear_equals_linear(use_amx, rows, shape, bias):
 
 
 @needs_onednn
-def test_amx_kernel_matches_onednn_at_decode_shapes():
-    """The AMX path against oneDNN on one packed buffer, at GPT-2 decode shapes."""
-    if amx_kernel() is None:
-        pytest.skip("this CPU or build has no AMX")
-    for in_features, out_features in [(768, 2304), (3072, 768)]:
+@pytest.mark.parametrize("kernel", small_batch_kernels(), ids=lambda k: k.name)
+def test_small_batch_kernel_matches_onednn_at_decode_shapes(kernel):
+    """Each small-batch kernel this CPU runs, against oneDNN on one packed buffer, at GPT-2 and
+    Qwen decode shapes and every row count 1..64 (the kernel itself takes any count)."""
+    for in_features, out_features in [(768, 2304), (3072, 768), (896, 4864)]:
         packed = PackedLinear(_bf16_linear(in_features, out_features))
-        assert packed.amx is not None
-        x = torch.randn(AMX_MAX_ROWS, in_features).to(torch.bfloat16)
-        onednn = torch.ops.mkldnn._linear_pointwise(x, packed.packed_weight, packed.bias, "none", [], "")
-        torch.testing.assert_close(packed(x), onednn, atol=6e-2, rtol=1.6e-2)
+        assert packed.kernel == kernel
+        for rows in range(1, 65):
+            x = torch.randn(rows, in_features).to(torch.bfloat16)
+            onednn = torch.ops.mkldnn._linear_pointwise(x, packed.packed_weight, packed.bias, "none", [], "")
+            ours = kernel.linear(x, *packed.weight_buffer, packed.bias_f32, out_features, 0)
+            torch.testing.assert_close(ours, onednn, atol=6e-2, rtol=1.6e-2)
+
+
+def test_every_cpu_with_avx512_bf16_gets_a_small_batch_kernel():
+    """AMX CPUs get the AMX kernel, other AVX512-BF16 CPUs the dot-product one (where a
+    compiler is present); plain AVX2 CPUs keep oneDNN."""
+    from models.cpu_kernels import can_build
+    from models.loader import cpu_has_fast_bf16
+
+    if not (can_build() and cpu_has_fast_bf16()):
+        pytest.skip("no AVX512-BF16 here, or no compiler: oneDNN alone")
+    names = [k.name for k in small_batch_kernels()]
+    assert names and names[-1] == "AVX512-BF16"
+
+
+@pytest.mark.parametrize("layout", [AMX_LAYOUT, PAIRS64_LAYOUT], ids=["amx", "pairs64"])
+def test_layout_order_and_rows_are_inverse(layout):
+    weight = torch.arange(100 * 64, dtype=torch.float32).reshape(100, 64)
+    values = layout.order(weight)
+    assert values.numel() == -(-100 // layout.cols) * layout.cols * 64  # N padded to whole blocks
+    ids = torch.tensor([0, 1, 31, 32, 63, 64, 99])
+    assert torch.equal(layout.rows(values, ids, 64), weight[ids])
 
 
 def test_only_bf16_cpu_models_are_packed():
@@ -60,7 +84,7 @@ def test_only_bf16_cpu_models_are_packed():
     assert not can_pack(fp32) and pack_linear_layers(fp32) == 0
     bf16 = load_model("random:tiny-gpt2", dtype="bfloat16", device="cpu").model
     if can_pack(bf16):
-        with_head = amx_kernel() is not None  # the tied head is packed only for the AMX kernel
+        with_head = PackedLinear(bf16.lm_head).kernel is not None  # packed only for a small-batch kernel
         assert pack_linear_layers(bf16) == 2 * 4 + with_head  # c_attn, c_proj, c_fc, c_proj per layer
         assert isinstance(bf16.lm_head, PackedLinear if with_head else torch.nn.Linear)
         assert isinstance(bf16.transformer.wte, PackedEmbedding if with_head else torch.nn.Embedding)
@@ -70,9 +94,9 @@ def test_only_bf16_cpu_models_are_packed():
 @pytest.mark.parametrize("model_name", ["random:tiny-gpt2", "random:tiny-qwen2"])
 def test_packed_model_keeps_its_outputs_and_stores_the_tied_table_once(model_name):
     """Embedding rows come out of the packed head exactly; logits stay within bf16 rounding."""
-    if amx_kernel() is None:
-        pytest.skip("the LM head is packed only for the AMX kernel")
     loaded = load_model(model_name, dtype="bfloat16", device="cpu")
+    if PackedLinear(loaded.model.lm_head).kernel is None:
+        pytest.skip("the LM head is packed only for a small-batch kernel, and none runs here")
     model = loaded.model
     embedding = token_embedding(model)
     assert embedding.weight is model.lm_head.weight, "these presets tie the head to the embedding"

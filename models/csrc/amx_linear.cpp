@@ -23,7 +23,7 @@
 #include <immintrin.h>
 #include <sys/syscall.h>
 
-#include "avx512_exp.h"
+#include "avx512_math.h"
 #include <unistd.h>
 
 namespace {
@@ -52,14 +52,6 @@ void configure_tiles(int rows_lo, int rows_hi) {
   cfg.rows[5] = rows_hi; cfg.colsb[5] = 64;
   for (int t = 6; t < 8; ++t) { cfg.rows[t] = 16; cfg.colsb[t] = 64; }                  // B: 16 pairs x 16 cols
   _tile_loadconfig(&cfg);
-}
-
-inline __m512 gelu_tanh(__m512 y) {  // 0.5 y (1 + tanh(sqrt(2/pi) (y + 0.044715 y^3))), tanh u = 1 - 2 / (e^2u + 1)
-  const __m512 y3 = _mm512_mul_ps(_mm512_mul_ps(y, y), y);
-  const __m512 u = _mm512_mul_ps(_mm512_set1_ps(0.7978845608f), _mm512_fmadd_ps(_mm512_set1_ps(0.044715f), y3, y));
-  const __m512 e = exp16(_mm512_add_ps(u, u));
-  const __m512 tanh_u = _mm512_sub_ps(_mm512_set1_ps(1.0f), _mm512_div_ps(_mm512_set1_ps(2.0f), _mm512_add_ps(e, _mm512_set1_ps(1.0f))));
-  return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), y), _mm512_add_ps(_mm512_set1_ps(1.0f), tanh_u));
 }
 
 // acc (rows x 32 fp32, row stride 32) + bias -> activation -> bf16 columns [n0, n0 + 32) of y.

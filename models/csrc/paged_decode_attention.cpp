@@ -91,7 +91,7 @@ static void decode_sequence(const T* q, const T* k_pool, const T* v_pool, const 
 #if defined(__AVX512F__)
 #include <immintrin.h>
 
-#include "avx512_exp.h"
+#include "avx512_math.h"
 
 #define NANOSERVE_HAS_AVX512 1
 
