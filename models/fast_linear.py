@@ -150,7 +150,8 @@ class PackedEmbedding(nn.Module):
         self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
         self._owner = (head,)  # keeps the buffer alive without registering the head twice
         self._layout = head.kernel.layout
-        self._values = _packed_values(head.packed_weight)
+        padded_rows = -(-head.out_features // self._layout.cols) * self._layout.cols
+        self._values = _packed_values(head.packed_weight)[:padded_rows * head.in_features]  # oneDNN may pad the buffer
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         rows = self._layout.rows(self._values, ids.reshape(-1), self.embedding_dim)  # (T, C)

@@ -50,7 +50,9 @@ def test_small_batch_kernel_matches_onednn_at_decode_shapes(kernel):
     Qwen decode shapes and every row count 1..64 (the kernel itself takes any count)."""
     for in_features, out_features in [(768, 2304), (3072, 768), (896, 4864)]:
         packed = PackedLinear(_bf16_linear(in_features, out_features))
-        assert packed.kernel == kernel
+        assert packed.kernel is not None, "some kernel must read this CPU's layout"
+        if packed.kernel != kernel:  # an AMX CPU also builds the AVX512-BF16 kernel, but gets AMX's layout
+            pytest.skip(f"oneDNN lays weights out for the {packed.kernel.name} kernel on this CPU")
         for rows in range(1, 65):
             x = torch.randn(rows, in_features).to(torch.bfloat16)
             onednn = torch.ops.mkldnn._linear_pointwise(x, packed.packed_weight, packed.bias, "none", [], "")
