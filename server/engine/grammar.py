@@ -2,13 +2,14 @@
 
 Why llguidance (over xgrammar): it has no Python dependencies (one abi3 wheel; xgrammar pulls in
 transformers and triton), it compiles JSON schemas, regexes and Lark/GBNF grammars lazily in a
-few milliseconds, and it computes a whole batch's masks in parallel in tens of microseconds per
-row, without a Python loop over the vocabulary.
+millisecond or so, and it computes a whole batch's masks on its own threads with the GIL
+released, without a Python loop over the vocabulary.
 
     request --GrammarSpec--> GrammarCompiler.compile()   once per distinct spec (LRU cache)
                              GrammarCompiler.matcher()   a cheap copy per sequence
-    each step:  fill_bitmask(matchers) -> (S, W) int32, bit j of word w = token 32*w + j
-                apply_bitmask(logits)  -> disallowed tokens are -inf (one byte-table lookup)
+    each step:  fill_bitmask(matchers, V) -> (S, W) int32, bit j of word w = token 32*w + j
+                    (the runner calls it on a side thread while the forward runs)
+                apply_bitmask(logits, bitmask) -> disallowed tokens are -inf (a table lookup + add)
     each token: matcher.consume_token(id); matcher.is_stopped() ends the sequence ("stop")
 
 The compiler is shared by the HTTP side (validation: an invalid spec is a 400 before the
