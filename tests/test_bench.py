@@ -32,4 +32,5 @@ def test_bench_compares_json_constrained_requests(tmp_path, capsys):
     free, constrained = json.loads(out.read_text())
     assert (free["name"], constrained["name"]) == ("nanoserve", "nanoserve + JSON schema")
     assert constrained["output_tokens_per_s"] > 0 and constrained["extra"]["decode_step_counts"]
+    assert len(constrained["extra"]["decode_step_ratio_vs_free"]) == 3 and constrained["extra"]["decode_step_ratio_vs_free_median"] > 0
     assert "nanoserve / nanoserve + JSON schema" in capsys.readouterr().out

@@ -13,7 +13,7 @@ from models.loader import load_model
 from server.config import EngineConfig
 from server.engine.engine import Engine
 from server.engine.grammar import GrammarCompiler, InvalidGrammar, apply_bitmask
-from server.engine.sampler import Sampler, SamplingRow
+from server.engine.sampler import Sampler, SamplingRow, needs_mask_first
 from server.engine.sampling_params import GrammarSpec, SamplingParams
 
 DIGITS = GrammarSpec("regex", "[0-9]{2,6}")
@@ -70,18 +70,51 @@ def test_apply_bitmask_matches_a_bit_by_bit_reference():
     assert torch.equal(apply_bitmask(logits, bitmask), expected)
 
 
-def test_sampler_masks_only_the_constrained_rows(compiler, tiny):
+@pytest.mark.parametrize("path", ["mask-first", "check-then-mask"])
+def test_sampler_masks_only_the_constrained_rows(compiler, tiny, path):
     torch.manual_seed(0)
     vocab_size = tiny.model.lm_head.out_features
     logits = torch.randn(4, vocab_size)
-    rows = [SamplingRow(SamplingParams(temperature=t), [1], [], None, [], matcher)
+    truncate = {"top_p": 0.9} if path == "mask-first" else {}
+    rows = [SamplingRow(SamplingParams(temperature=t, **truncate), [1], [], None, [], matcher)
             for t, matcher in [(0.0, None), (0.0, compiler.matcher(DIGITS)), (1.0, None), (1.0, compiler.matcher(DIGITS))]]
-    out = Sampler()(logits, rows, compiler.fill_bitmask([r.grammar for r in rows], vocab_size))
+    if path == "mask-first":
+        bitmask = compiler.fill_bitmask([r.grammar if needs_mask_first(r.params) else None for r in rows], vocab_size)
+        out = Sampler()(logits, rows, bitmask, compiler)
+    else:
+        assert not any(needs_mask_first(r.params) for r in rows)
+        out = Sampler()(logits, rows, None, compiler)
     assert out.token_ids[0] == logits[0].argmax()
     for i in (1, 3):
         assert re.fullmatch("[0-9]+", tiny.tokenizer.decode([int(out.token_ids[i])]))
     free = Sampler()(logits[:1], rows[:1])
     assert free.token_ids[0] == out.token_ids[0]
+
+
+def test_check_then_mask_draws_from_the_masked_distribution(compiler, tiny):
+    """Rejection sampling: an unmasked draw kept when allowed, a masked redraw otherwise, gives
+    the masked distribution (here: over 'yes'/'no'-prefix tokens, most mass outside them)."""
+    vocab_size = tiny.model.lm_head.out_features
+    spec = GrammarSpec("choice", json.dumps(["yes", "no"]))
+    allowed_mask = apply_bitmask(torch.zeros(1, vocab_size), compiler.fill_bitmask([compiler.matcher(spec)], vocab_size))[0]
+    allowed = torch.nonzero(allowed_mask == 0).flatten()
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(vocab_size, generator=gen) * 0.5
+    others = logits.exp().sum() - logits[allowed].exp().sum()
+    offset = torch.log(others / len(allowed) / 2)  # the allowed tokens hold about a third of the mass
+    logits[allowed] = offset + torch.linspace(-1.0, 1.0, len(allowed))
+    expected = logits[allowed].softmax(-1)
+    for seed, masked_first in [(2, False), (3, True)]:
+        torch.manual_seed(seed)
+        tokens = []
+        for _ in range(10):  # 10 x 300 draws, batched (a (300, V) float32 batch is 180 MB)
+            rows = [SamplingRow(SamplingParams(temperature=1.0), [1], [], None, [], compiler.matcher(spec)) for _ in range(300)]
+            bitmask = compiler.fill_bitmask([r.grammar for r in rows], vocab_size) if masked_first else None
+            tokens.append(Sampler()(logits.expand(300, -1), rows, bitmask, None if masked_first else compiler).token_ids)
+        tokens = torch.cat(tokens)
+        assert set(tokens.tolist()) <= set(allowed.tolist())
+        freq = torch.stack([(tokens == t).float().mean() for t in allowed])
+        assert (freq - expected).abs().max() < 0.03, (masked_first, freq, expected)
 
 
 def _constrained(spec: GrammarSpec, **kw) -> SamplingParams:

@@ -82,6 +82,10 @@ class GrammarCompiler:
                 self._ll_tokenizer = _ll_tokenizer(self._tokenizer)
             return self._ll_tokenizer
 
+    def accepts(self, matcher: llguidance.LLMatcher, token_id: int) -> bool:
+        """Whether `matcher` allows `token_id` next (no state change; ids past the vocabulary: no)."""
+        return token_id < self.ll_tokenizer().vocab_size and matcher.validate_tokens([token_id]) == 1
+
     def fill_bitmask(self, matchers: list[llguidance.LLMatcher | None], vocab_size: int) -> Tensor:
         """Allowed next tokens of each row over the model's `vocab_size` ids, computed in
         parallel by llguidance: (S, W) int32 on CPU, bit j of word w = token 32 w + j.

@@ -22,7 +22,7 @@ from models.fast_linear import pack_linear_layers
 from models.fused_attention import decode_kernel, describe_decode_path
 from models.loader import LoadedModel
 from server.engine.grammar import GrammarCompiler
-from server.engine.sampler import Sampler, SamplingRow, prompt_logprobs
+from server.engine.sampler import Sampler, SamplingRow, needs_mask_first, prompt_logprobs
 from server.engine.scheduler import ScheduledChunk, SchedulerOutput
 from server.engine.sequence import Sequence
 
@@ -117,9 +117,11 @@ class ModelRunner:
         return StepResult(sampled, [s for s in scored if s.entries])
 
     def _start_grammar_masks(self, seqs: list[Sequence]) -> Future | None:
-        """The sampled rows' grammar bitmask, computed by llguidance's threads while the forward
-        runs (the matchers already hold every token sampled so far); None without grammars."""
-        matchers = [seq.grammar for seq in seqs]
+        """The bitmask of the rows that must be masked before sampling (needs_mask_first),
+        computed by llguidance's threads while the forward runs (the matchers already hold every
+        token sampled so far); None when no row needs one. Other constrained rows are checked
+        after an unmasked draw (Sampler)."""
+        matchers = [seq.grammar if needs_mask_first(seq.params) else None for seq in seqs]
         if all(m is None for m in matchers):
             return None
         return self._mask_thread.submit(self.grammars.fill_bitmask, matchers, self.vocab_size)
@@ -129,7 +131,7 @@ class ModelRunner:
             return []
         logits = self.model.compute_logits(hidden)  # (S, C) -> (S, V)
         rows = [self._sampling_row(c.seq) for c in chunks]
-        out = self.sampler(logits, rows, masks.result() if masks is not None else None)
+        out = self.sampler(logits, rows, masks.result() if masks is not None else None, self.grammars)
         token_ids = out.token_ids.tolist()
         logprobs = out.logprobs.tolist() if out.logprobs is not None else None
         top_ids = out.top_token_ids.tolist() if out.top_token_ids is not None else None
