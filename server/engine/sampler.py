@@ -6,8 +6,12 @@ positions (echo scoring).
 One call runs a fixed pipeline of batched tensor stages in float32. Each stage is skipped when no
 row of the batch uses it, so an all-greedy batch without penalties is one argmax:
 
-    raw logprobs -> penalties -> min_tokens mask -> grammar mask -> argmax (greedy rows, done)
+    raw logprobs -> penalties -> min_tokens mask -> [grammar mask*] -> argmax (greedy rows, done)
                  -> temperature -> top_k + top_p (one sort) -> min_p -> exponential race
+                 -> [grammar check**: rejected rows get their mask and draw again]
+
+    *  rows under a grammar that truncate (top_k / top_p / min_p): masked before drawing
+    ** other rows under a grammar: their draw is checked, and masked only if it is not allowed
 
 Rows differ only through small per-row parameter tensors of shape (S, 1), and a stage a row does
 not use is an exact identity for it (divide by 1, subtract 0, keep all V), so a row's tokens never
