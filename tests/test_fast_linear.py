@@ -1,5 +1,7 @@
 """The packed-weight linear (oneDNN, and the small-batch kernel for this CPU: AMX, or AVX512-BF16
 without AMX) is a drop-in for nn.Linear."""
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,6 +22,14 @@ def _bf16_linear(in_features: int, out_features: int, bias: bool = True) -> torc
     return torch.nn.Linear(in_features, out_features, bias=bias).to(torch.bfloat16)
 
 
+@functools.cache
+def a_kernel_reads_this_cpus_layout() -> bool:
+    """Whether oneDNN packs a GPT-2-sized weight here in a layout some small-batch kernel reads
+    (true on AMX CPUs and on the AVX512-BF16 EPYCs these tests run on; a CPU whose oneDNN picks
+    another layout runs oneDNN alone, as the load log says)."""
+    return PackedLinear(_bf16_linear(768, 2304)).kernel is not None
+
+
 def _close_to_fp32(actual: torch.Tensor, expected_fp32: torch.Tensor) -> None:
     """Within bf16 rounding of the output (both kernels accumulate in fp32)."""
     torch.testing.assert_close(actual.float(), expected_fp32, atol=2e-2, rtol=1.6e-2)
@@ -35,7 +45,7 @@ def test_packed_linear_equals_linear(use_small_batch, rows, shape, bias):
     oneDNN takes."""
     linear = _bf16_linear(*shape, bias=bias)
     packed = PackedLinear(linear, use_small_batch=use_small_batch)
-    if use_small_batch and small_batch_kernels():
+    if use_small_batch and a_kernel_reads_this_cpus_layout():
         assert (packed.kernel is not None) == (shape[0] % 32 == 0)
     x = torch.randn(rows, shape[0]).to(torch.bfloat16)
     expected = F.linear(x.float(), linear.weight.float(), None if linear.bias is None else linear.bias.float())
@@ -50,7 +60,8 @@ def test_small_batch_kernel_matches_onednn_at_decode_shapes(kernel):
     Qwen decode shapes and every row count 1..64 (the kernel itself takes any count)."""
     for in_features, out_features in [(768, 2304), (3072, 768), (896, 4864)]:
         packed = PackedLinear(_bf16_linear(in_features, out_features))
-        assert packed.kernel is not None, "some kernel must read this CPU's layout"
+        if packed.kernel is None:
+            pytest.skip("oneDNN lays weights out on this CPU in a way no small-batch kernel reads (oneDNN runs)")
         if packed.kernel != kernel:  # an AMX CPU also builds the AVX512-BF16 kernel, but gets AMX's layout
             pytest.skip(f"oneDNN lays weights out for the {packed.kernel.name} kernel on this CPU")
         for rows in range(1, 65):
