@@ -10,6 +10,7 @@ fields (server/api/structured_output.py) are accepted on both generation routes.
 """
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -97,8 +98,10 @@ class SamplingFields(GuidedFields, OpenAIModel):
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
-    def grammar(self) -> tuple[str, GrammarSpec] | None:
-        """(field, spec) of the one output constraint, if any. Raises ValueError for several."""
+    @cached_property
+    def constraint(self) -> tuple[str, GrammarSpec] | None:
+        """(field, spec) of the one output constraint, if any (built once per request). Raises
+        ValueError for several."""
         found = self.grammars()
         if len(found) > 1:
             raise ValueError("give at most one output constraint; this request sets "
@@ -111,7 +114,7 @@ class SamplingFields(GuidedFields, OpenAIModel):
     def _sampling_params(self, max_tokens: int | None, logprobs: int | None,
                          prompt_logprobs: int | None = None) -> SamplingParams:
         """Raises ValueError (a 400) for combinations SamplingParams rejects."""
-        constraint = self.grammar()
+        constraint = self.constraint
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(
             n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,

@@ -104,11 +104,10 @@ class Engine:
         if params.max_tokens is None:
             params.max_tokens = max(self.max_model_len - len(prompt_token_ids), 0)
         arrival = arrival_time if arrival_time is not None else time.monotonic()
-        grammar = self.grammars.compile(params.grammar) if params.grammar is not None else None
         request = _Request(request_id, arrival)
         for index in range(params.n):
             seq = Sequence(next(self._seq_ids), request_id, prompt_token_ids, params, arrival, index)
-            seq.grammar = grammar.deep_copy() if grammar is not None else None
+            seq.grammar = self.grammars.matcher(params.grammar) if params.grammar is not None else None
             if index == 0 or not self.config.enable_prefix_caching:
                 self.scheduler.add(seq)  # every choice passes the same check: all or none queued
             else:

@@ -21,6 +21,7 @@ import json
 import sys
 import threading
 from collections import OrderedDict
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 import torch
@@ -82,9 +83,14 @@ class GrammarCompiler:
                 self._ll_tokenizer = _ll_tokenizer(self._tokenizer)
             return self._ll_tokenizer
 
+    @cached_property
+    def _grammar_vocab_size(self) -> int:
+        """Token ids llguidance knows (the tokenizer's; the model may pad past them)."""
+        return self.ll_tokenizer().vocab_size
+
     def accepts(self, matcher: llguidance.LLMatcher, token_id: int) -> bool:
         """Whether `matcher` allows `token_id` next (no state change; ids past the vocabulary: no)."""
-        return token_id < self.ll_tokenizer().vocab_size and matcher.validate_tokens([token_id]) == 1
+        return token_id < self._grammar_vocab_size and matcher.validate_tokens([token_id]) == 1
 
     def fill_bitmask(self, matchers: list[llguidance.LLMatcher | None], vocab_size: int) -> Tensor:
         """Allowed next tokens of each row over the model's `vocab_size` ids, computed in
@@ -97,7 +103,7 @@ class GrammarCompiler:
 
         if self._executor is None:
             self._executor = llguidance.LLExecutor()
-        grammar_words = (self.ll_tokenizer().vocab_size + 31) // 32
+        grammar_words = (self._grammar_vocab_size + 31) // 32
         bitmask = torch.full((len(matchers), grammar_words), -1, dtype=torch.int32)  # (S, W') all allowed
         rows = [(m, i) for i, m in enumerate(matchers) if m is not None]
         self._executor.unsafe_compute_mask_ptr(rows, bitmask.data_ptr(), grammar_words * 4, len(matchers))

@@ -57,7 +57,7 @@ class Serving:
         """The engine's params; an output constraint is compiled here, so a bad one is a 400
         that names its field (the engine then finds it in the compiler's cache)."""
         try:
-            constraint = body.grammar()
+            constraint = body.constraint
             params = body.to_sampling_params()
         except ValueError as error:
             raise APIError(400, str(error)) from error
