@@ -3,7 +3,7 @@
 A step's tokens arrive packed, sequence after sequence, decodes first:
 
     tokens:  | d0 | d1 | d2 | p0 p0 p0 p0 p0 | p1 p1 p1 |      N = 3 + 5 + 3
-    seqs:      0    1    2    3                4              S = 5, num_decodes = 3
+    seqs:      0    1    2    3                4              S = 5, num_decode_seqs = 3
 
 Each new token's K/V is written into the pool at its slot (`slot_mapping`), then every query
 reads its sequence's keys back through the block table:
@@ -13,8 +13,14 @@ reads its sequence's keys back through the block table:
     p = 0..3 -> slots 28..31 (block 7), p = 4..7 -> 8..11 (block 2), p = 8.. -> 36.. (block 9)
 
 Decodes (one query each) are attended together in one padded batch; each prefill chunk is
-attended on its own with a causal mask shifted by the prefix already in the cache. Without a
-pool (`kv_cache is None`, the naive reference path) every sequence attends to its own chunk only.
+attended on its own with a causal mask shifted by the prefix already in the cache. Short chunks
+at the front (speculative verification: the last token plus K draft tokens) are attended as
+decode rows too, one row per query token, each seeing the keys up to its own position:
+
+    chunk of seq s: positions 40 41 42 (seq_len 43)  ->  rows with seq_len 41, 42, 43
+
+Without a pool (`kv_cache is None`, the naive reference path) every sequence attends to its own
+chunk only.
 
 Legend: N tokens in the packed batch, S sequences, H query heads, KVH KV heads, D head dim,
 NB blocks, BS block size, L padded key length, T tokens of one chunk.
@@ -37,13 +43,15 @@ class AttentionMetadata:
 
     query_start_loc: list[int]               # (S+1,) offsets of each sequence's tokens in the batch
     seq_lens: list[int]                      # (S,) tokens in context after this step (cached + new)
-    num_decodes: int                         # the first num_decodes sequences have one query each
+    num_decode_seqs: int                     # the first sequences, attended as one row per query token
+    num_decode_tokens: int                   # R: their tokens, the first R of the batch (= rows)
     slot_mapping: torch.Tensor | None = None  # (N,) pool slot of each new token; None: no pool
     block_tables: torch.Tensor | None = None  # (S, max_blocks) int64, padded with 0
-    decode_key_mask: torch.Tensor | None = None  # (S_dec, 1, 1, L) True where a decode may attend
-    decode_block_ids: torch.Tensor | None = None  # (S_dec * L/BS,) the decodes' padded block tables, flat
+    decode_block_tables: torch.Tensor | None = None  # (R, max_blocks) each decode row's block table
+    decode_key_mask: torch.Tensor | None = None  # (R, 1, 1, L) True where a decode row may attend
+    decode_block_ids: torch.Tensor | None = None  # (R * L/BS,) the decode rows' padded block tables, flat
     workspace: "DecodeWorkspace | None" = None    # reusable gather buffers (None: allocate per call)
-    decode_seq_lens: torch.Tensor | None = None   # (S_dec,) int64, for the fused kernel
+    decode_seq_lens: torch.Tensor | None = None   # (R,) int64 keys each row sees, for the fused kernel
     use_fused_decode: bool = False                # models/fused_attention.py instead of gather + SDPA
 
     @property
@@ -57,25 +65,29 @@ def build_attention_metadata(
     block_tables: list[list[int]] | None,
     block_size: int,
     device: torch.device | str = "cpu",
+    num_decode_seqs: int | None = None,
 ) -> AttentionMetadata:
     """Flatten per-sequence bookkeeping into the tensors attention needs, once per step.
 
     Args:
-        query_lens: new tokens per sequence; sequences with one query must come first.
+        query_lens: new tokens per sequence; decodes (and verification chunks) come first.
         seq_lens: context length per sequence after this step (cached + new).
         block_tables: block ids per sequence, or None for the cache-free reference path.
         block_size: tokens per block.
+        num_decode_seqs: how many leading sequences to attend as decode rows, one row per
+            query token (speculative verification chunks); None: the leading one-token ones.
     """
-    num_decodes = 0
-    while num_decodes < len(query_lens) and query_lens[num_decodes] == 1:
-        num_decodes += 1
-    assert all(q > 1 for q in query_lens[num_decodes:]) or not block_tables, "decodes must come first"
+    if num_decode_seqs is None:
+        num_decode_seqs = 0
+        while num_decode_seqs < len(query_lens) and query_lens[num_decode_seqs] == 1:
+            num_decode_seqs += 1
+        assert all(q > 1 for q in query_lens[num_decode_seqs:]) or not block_tables, "decodes must come first"
     starts = [0]
     for q in query_lens:
         starts.append(starts[-1] + q)
-    meta = AttentionMetadata(starts, list(seq_lens), num_decodes)
+    meta = AttentionMetadata(starts, list(seq_lens), num_decode_seqs, starts[num_decode_seqs])
     if block_tables is None:
-        meta.num_decodes = 0  # no cache: every sequence attends to its own chunk
+        meta.num_decode_seqs = meta.num_decode_tokens = 0  # no cache: every sequence attends to its own chunk
         return meta
     slots: list[int] = []
     for table, q_len, s_len in zip(block_tables, query_lens, seq_lens):
@@ -85,13 +97,20 @@ def build_attention_metadata(
     padded = [t + [0] * (max_blocks - len(t)) for t in block_tables]
     meta.slot_mapping = torch.tensor(slots, dtype=torch.int64, device=device)  # (N,)
     meta.block_tables = torch.tensor(padded, dtype=torch.int64, device=device)  # (S, max_blocks)
-    if num_decodes:
-        dec_blocks = max(len(t) for t in block_tables[:num_decodes])
+    if num_decode_seqs:
+        dec_blocks = max(len(t) for t in block_tables[:num_decode_seqs])
+        if meta.num_decode_tokens == num_decode_seqs:  # plain decodes: one row per sequence
+            row_lens = seq_lens[:num_decode_seqs]
+            meta.decode_block_tables = meta.block_tables[:num_decode_seqs]  # (R, max_blocks)
+        else:  # verification chunks: row i of a chunk sees the keys up to its own position
+            row_seqs = [s for s in range(num_decode_seqs) for _ in range(query_lens[s])]
+            row_lens = [seq_lens[s] - query_lens[s] + i + 1 for s in range(num_decode_seqs) for i in range(query_lens[s])]
+            meta.decode_block_tables = meta.block_tables[torch.tensor(row_seqs, device=device)]  # (R, max_blocks)
         key_pos = torch.arange(dec_blocks * block_size, device=device)  # (L,)
-        dec_lens = torch.tensor(seq_lens[:num_decodes], device=device)  # (S_dec,)
+        dec_lens = torch.tensor(row_lens, device=device)  # (R,)
         meta.decode_seq_lens = dec_lens
-        meta.decode_key_mask = (key_pos[None, :] < dec_lens[:, None])[:, None, None, :]  # (S_dec,1,1,L)
-        meta.decode_block_ids = meta.block_tables[:num_decodes, :dec_blocks].flatten()  # (S_dec*L/BS,)
+        meta.decode_key_mask = (key_pos[None, :] < dec_lens[:, None])[:, None, None, :]  # (R,1,1,L)
+        meta.decode_block_ids = meta.decode_block_tables[:, :dec_blocks].flatten()  # (R*L/BS,)
     return meta
 
 
@@ -123,13 +142,13 @@ def paged_attention(
     if kv_cache is not None:
         write_kv(k, v, kv_cache, meta.slot_mapping)
     out = torch.empty_like(q)  # (N, H, D)
-    num_dec = meta.num_decodes
-    if num_dec and meta.use_fused_decode:
-        out[:num_dec] = fused_decode_attention(q[:num_dec], kv_cache, meta.block_tables[:num_dec], meta.decode_seq_lens, scale)
-    elif num_dec:
-        out[:num_dec] = _decode_attention(q[:num_dec], kv_cache, meta, scale)
+    rows = meta.num_decode_tokens
+    if rows and meta.use_fused_decode:
+        out[:rows] = fused_decode_attention(q[:rows], kv_cache, meta.decode_block_tables, meta.decode_seq_lens, scale)
+    elif rows:
+        out[:rows] = _decode_attention(q[:rows], kv_cache, meta, scale)
     starts, seq_lens = meta.query_start_loc, meta.seq_lens
-    for s in range(num_dec, meta.num_seqs):
+    for s in range(meta.num_decode_seqs, meta.num_seqs):
         lo, hi = starts[s], starts[s + 1]
         if kv_cache is None:
             keys, values = k[lo:hi], v[lo:hi]  # (T, KVH, D)
@@ -170,7 +189,7 @@ def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
 
 
 def _decode_attention(q: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """One query per sequence, all decodes at once over their padded block tables."""
+    """One query per row, all decode rows at once over their padded block tables."""
     k_pool, v_pool = kv_cache
     mask = meta.decode_key_mask  # (S, 1, 1, L)
     num_seqs, num_keys = mask.shape[0], mask.shape[-1]

@@ -40,6 +40,10 @@ class CausalLM(nn.Module):
     def attention_layers(self) -> list[nn.Module]:
         raise NotImplementedError
 
+    def keep_first_layers(self, num_layers: int) -> None:
+        """Truncate to the first num_layers layers (the embedding, final norm and head stay)."""
+        raise NotImplementedError
+
     def bind_kv_cache(self, kv_caches: list[KVCache] | None) -> None:
         """Give each attention layer its (k, v) pool, or None for the cache-free path."""
         layers = self.attention_layers()

@@ -113,6 +113,11 @@ class GPT2(CausalLM):
     def attention_layers(self) -> list[nn.Module]:
         return [block.attn for block in self.transformer.h]
 
+    def keep_first_layers(self, num_layers: int) -> None:
+        """Drop every block after the first num_layers (a cheap draft model of the same family)."""
+        self.transformer.h = self.transformer.h[:num_layers]
+        self.config.n_layer = num_layers
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         x = self.transformer.wte(input_ids) + self.transformer.wpe(positions)  # (N, C)
         for block in self.transformer.h:

@@ -157,6 +157,11 @@ class QwenModel(CausalLM):
     def attention_layers(self) -> list[nn.Module]:
         return [layer.self_attn for layer in self.model.layers]
 
+    def keep_first_layers(self, num_layers: int) -> None:
+        """Drop every layer after the first num_layers (a cheap draft model of the same family)."""
+        self.model.layers = self.model.layers[:num_layers]
+        self.config.num_hidden_layers = num_layers
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)  # (N, C)
         rope = self.rotary.tables(positions)  # (N, 1, D) cos and signed sin, shared by every layer

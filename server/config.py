@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from models.base import KVCacheSpec
+
+if TYPE_CHECKING:
+    from server.engine.speculative import SpeculativeConfig
 
 GiB = 2**30
 
@@ -18,18 +22,20 @@ class EngineConfig:
     num_kv_blocks: int | None = None
     enable_prefix_caching: bool = True
     fast_kernels: bool = True                # oneDNN pre-packed linears (CPU bf16); off = plain F.linear
+    speculative: "SpeculativeConfig | None" = None  # speculative decoding: n-gram or a draft model
 
     def __post_init__(self) -> None:
         assert self.max_num_seqs >= 1 and self.max_num_batched_tokens >= 1, "budgets must be positive"
         assert self.block_size >= 1 and self.kv_cache_memory > 0
         assert self.num_kv_blocks is None or self.num_kv_blocks >= 1
 
-    def resolve_num_blocks(self, spec: KVCacheSpec, dtype, max_model_len: int) -> int:
+    def resolve_num_blocks(self, spec: KVCacheSpec, dtype, max_model_len: int, extra_bytes_per_block: int = 0) -> int:
         """Blocks in the pool: explicit, or what the memory budget buys, capped by what
-        max_num_seqs full-length sequences could ever use."""
+        max_num_seqs full-length sequences could ever use. extra_bytes_per_block: a draft
+        model's pool, which mirrors the target's blocks."""
         if self.num_kv_blocks is not None:
             return self.num_kv_blocks
-        affordable = self.kv_cache_memory // spec.bytes_per_block(self.block_size, dtype)
+        affordable = self.kv_cache_memory // (spec.bytes_per_block(self.block_size, dtype) + extra_bytes_per_block)
         useful = self.max_num_seqs * -(-max_model_len // self.block_size)
         num_blocks = min(affordable, useful)
         if num_blocks < 1:

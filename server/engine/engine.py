@@ -4,7 +4,9 @@
 
 The scheduler picks chunks under the token and sequence budgets, the model runner turns them
 into one forward pass and samples, and postprocessing appends tokens, detokenizes, checks stop
-conditions and frees finished sequences. A request with n > 1 fans out into n sequences that
+conditions and frees finished sequences. With speculative decoding, a proposer fills the
+decodes' lookahead slots between schedule and run, and a sequence may emit several tokens in one
+step (server/engine/speculative.py). A request with n > 1 fans out into n sequences that
 share the prompt's blocks through the prefix cache. Single-threaded: the async layer owns the
 thread that calls `step()`.
 """
@@ -24,8 +26,9 @@ from server.engine.kv_cache import BlockManager
 from server.engine.outputs import ChoiceDelta, RequestStats, StepStats, TokenLogprobs
 from server.engine.runner import ModelRunner, StepResult
 from server.engine.sampling_params import SamplingParams
-from server.engine.scheduler import Scheduler
+from server.engine.scheduler import Scheduler, SchedulerOutput
 from server.engine.sequence import FinishReason, Sequence
+from server.engine.speculative import DraftProposer, NgramProposer, load_draft_model
 from server.engine.stop_checker import StopChecker
 
 log = logging.getLogger(__name__)
@@ -58,16 +61,24 @@ class Engine:
         self.loaded, self.config = loaded, config
         self.tokenizer = loaded.tokenizer
         max_model_len = min(config.max_model_len or loaded.max_model_len, loaded.max_model_len)
-        num_blocks = config.resolve_num_blocks(loaded.model.kv_cache_spec, loaded.dtype, max_model_len)
+        spec = config.speculative
+        draft = load_draft_model(spec, loaded) if spec is not None and spec.method == "draft" else None
+        draft_block_bytes = 0 if draft is None else draft.model.kv_cache_spec.bytes_per_block(config.block_size, draft.dtype)
+        num_blocks = config.resolve_num_blocks(loaded.model.kv_cache_spec, loaded.dtype, max_model_len, draft_block_bytes)
         if num_blocks * config.block_size < max_model_len:
             log.warning("max_model_len %d lowered to the KV pool's %d tokens", max_model_len,
                         num_blocks * config.block_size)
         self.max_model_len = min(max_model_len, num_blocks * config.block_size)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
-                                   config.max_num_batched_tokens, self.max_model_len)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   self.max_model_len, spec.num_tokens if spec else 0, spec.max_batch if spec else 0)
         self.grammars = GrammarCompiler(self.tokenizer)
         self.runner = ModelRunner(loaded, num_blocks, config.block_size, config.fast_kernels, self.grammars)
+        self.proposer = None
+        if spec is not None:
+            self.proposer = NgramProposer(spec) if draft is None else DraftProposer(
+                spec, ModelRunner(draft, num_blocks, config.block_size, config.fast_kernels), self.runner.vocab_size)
+            log.info("speculative decoding: %s, while at most %d sequences decode", spec.describe(), spec.max_batch)
         self.stop_token_ids = set(self.tokenizer.stop_token_ids)
         self.requests: dict[str, _Request] = {}
         self._choices: dict[int, _Choice] = {}  # seq_id -> choice
@@ -152,11 +163,11 @@ class Engine:
                 request = self.requests[chunk.seq.request_id]
                 if request.first_scheduled_time is None:
                     request.first_scheduled_time = now
+            self._propose(output)
             result = self.runner.execute(output)
-            self.scheduler.update_after_step(output)
-            self._fork_pending_choices(output)
-            deltas += self._postprocess(result, stats)
-            stats.batch_size, stats.num_batched_tokens = len(output.chunks), output.num_batched_tokens
+            deltas += self._postprocess(output, result, stats)
+            stats.batch_size = len(output.chunks)
+            stats.num_batched_tokens = sum(chunk.num_new_tokens for chunk in output.chunks)
         stats.num_preemptions = self.scheduler.num_preemptions - preemptions_before
         stats.num_running, stats.num_waiting = self.scheduler.num_running, self.scheduler.num_waiting
         stats.kv_cache_usage = self.block_manager.usage
@@ -172,31 +183,58 @@ class Engine:
                     self.scheduler.add(seq, front=True)
                 request.pending = []
 
-    def _postprocess(self, result: StepResult, stats: StepStats) -> list[ChoiceDelta]:
-        """Append sampled tokens, detokenize, check stops, free what finished."""
+    def _propose(self, output: SchedulerOutput) -> None:
+        """Fill the lookahead slots the scheduler reserved with draft tokens."""
+        speculative = [chunk for chunk in output.chunks if chunk.num_spec_slots]
+        if speculative:
+            self.proposer.propose(speculative)
+
+    def _postprocess(self, output: SchedulerOutput, result: StepResult, stats: StepStats) -> list[ChoiceDelta]:
+        """Append sampled tokens, detokenize, check stops, advance the cache, free what finished."""
         now = time.monotonic()
         for scored in result.prompt_logprobs:
             choice = self._choices[scored.seq.seq_id]
             for offset, (_, entry) in enumerate(scored.entries):
                 choice.prompt_logprobs[scored.start + offset] = entry
-        deltas = []
-        for sampled in result.sampled:
-            seq, choice = sampled.seq, self._choices[sampled.seq.seq_id]
-            assert not seq.is_finished, "aborts are applied between steps, never during one"
-            self._record_token_time(seq, now, stats)
-            seq.append_token(sampled.token_id)
-            if seq.grammar is not None:
-                seq.grammar.consume_token(sampled.token_id)
-            text, reason = self._check_stop(choice, sampled.token_id)
-            logprobs = [sampled.logprobs] if sampled.logprobs is not None else None
-            deltas.append(self._finish_or_continue(choice, [sampled.token_id], text, logprobs, reason, now))
-        stats.num_generation_tokens = len(result.sampled)
+        outcomes = [self._append_tokens(sampled.seq, sampled.token_ids, sampled.logprobs, now, stats)
+                    for sampled in result.sampled]
+        self.scheduler.update_after_step(output)  # after the append: accepted drafts are hashed into blocks
+        self._fork_pending_choices(output)
+        self._count_speculation(output, stats)
+        deltas = [self._finish_or_continue(*outcome, now) for outcome in outcomes]
         deltas += self._finish_prompt_only(now)
         for request_id in {d.request_id for d in deltas if d.finished}:
             request = self.requests.get(request_id)
             if request and all(c.seq.is_finished for c in request.choices):
                 self._retire(self.requests.pop(request_id), now, stats)
         return deltas
+
+    def _append_tokens(self, seq: Sequence, token_ids: list[int], logprobs: list | None, now: float,
+                       stats: StepStats) -> tuple:
+        """Append this step's tokens one by one, each checked for a stop; the tokens after a
+        stop (accepted drafts past EOS, a stop string or max_tokens) are dropped."""
+        choice = self._choices[seq.seq_id]
+        assert not seq.is_finished, "aborts are applied between steps, never during one"
+        self._record_token_time(seq, now, stats, len(token_ids))
+        text, reason, kept = "", None, 0
+        for token_id in token_ids:
+            seq.append_token(token_id)
+            if seq.grammar is not None:
+                seq.grammar.consume_token(token_id)
+            piece, reason = self._check_stop(choice, token_id)
+            text, kept = text + piece, kept + 1
+            if reason is not None:
+                break
+        stats.num_generation_tokens += kept
+        return choice, token_ids[:kept], text, None if logprobs is None else logprobs[:kept], reason
+
+    @staticmethod
+    def _count_speculation(output: SchedulerOutput, stats: StepStats) -> None:
+        for chunk in output.chunks:
+            if chunk.draft_token_ids:
+                stats.num_spec_drafts += 1
+                stats.num_spec_draft_tokens += len(chunk.draft_token_ids)
+                stats.num_spec_accepted_tokens += chunk.num_accepted
 
     def _finish_prompt_only(self, now: float) -> list[ChoiceDelta]:
         """max_tokens == 0 (echo scoring, or a 1-token prompt, or no prompt_logprobs at all):
@@ -230,7 +268,7 @@ class Engine:
         if reason is not None:
             self.scheduler.finish(choice.seq, reason)
             choice.seq.finished_time = now
-            self.runner.release(choice.seq.seq_id)
+            self._release(choice.seq.seq_id)
         return self._delta(choice, token_ids, text, logprobs)
 
     def _delta(self, choice: _Choice, token_ids: list[int], text: str,
@@ -254,7 +292,14 @@ class Engine:
         self._prefix_counts = (queried, hit)
         return stats
 
-    def _record_token_time(self, seq: Sequence, now: float, stats: StepStats) -> None:
+    def _release(self, seq_id: int) -> None:
+        self.runner.release(seq_id)
+        if self.proposer is not None:
+            self.proposer.release(seq_id)
+
+    def _record_token_time(self, seq: Sequence, now: float, stats: StepStats, num_tokens: int = 1) -> None:
+        """TTFT of the first token; otherwise the time since the last step's tokens, shared
+        evenly by the num_tokens this step emits (speculation emits several)."""
         if seq.first_token_time is None:
             seq.first_token_time = now
             request = self.requests[seq.request_id]
@@ -263,7 +308,7 @@ class Engine:
                 stats.time_to_first_tokens.append(now - request.arrival_time)
                 stats.num_prompt_tokens += seq.num_prompt_tokens
         elif seq.last_token_time is not None:
-            stats.inter_token_latencies.append(now - seq.last_token_time)
+            stats.inter_token_latencies += [(now - seq.last_token_time) / num_tokens] * num_tokens
         seq.last_token_time = now
 
     def _retire(self, request: _Request, now: float, stats: StepStats | None) -> None:
@@ -273,7 +318,7 @@ class Engine:
             stats.num_prompt_tokens += first.num_prompt_tokens  # prompt-only (max_tokens 0): computed, never sampled
         for choice in request.choices:
             self._choices.pop(choice.seq.seq_id, None)
-            self.runner.release(choice.seq.seq_id)
+            self._release(choice.seq.seq_id)
         record = RequestStats(
             finish_reason=first.finish_reason.value,
             num_prompt_tokens=first.num_prompt_tokens,

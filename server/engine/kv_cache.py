@@ -124,6 +124,21 @@ class BlockManager:
         seq.block_table.clear()
         self._seq_chains.pop(seq.seq_id, None)
 
+    def trim(self, seq: Sequence, num_tokens: int) -> None:
+        """Give back the tail blocks past what `num_tokens` slots need (speculative lookahead
+        that was not kept). They hold no computed token, so they are never shared or cached.
+
+        Args:
+            seq: a running sequence.
+            num_tokens: slots to keep, at least its computed tokens.
+        """
+        assert num_tokens >= seq.num_computed_tokens
+        keep = self.num_blocks_needed(num_tokens)
+        while len(seq.block_table) > keep:
+            block = self.blocks[seq.block_table.pop()]
+            assert block.ref_count == 1 and block.block_hash is None, "trimming a shared block"
+            self._release(block)
+
     def _take_free_block(self) -> int:
         block_id, _ = self._free.popitem(last=False)
         block = self.blocks[block_id]

@@ -56,6 +56,9 @@ class StepStats:
     num_prefix_hit_tokens: int = 0
     batch_size: int = 0                 # sequences in the forward pass
     num_batched_tokens: int = 0         # tokens in the forward pass
+    num_spec_drafts: int = 0            # speculative verifications (sequences with >= 1 draft token)
+    num_spec_draft_tokens: int = 0      # draft tokens verified
+    num_spec_accepted_tokens: int = 0   # of which the target accepted
     time_to_first_tokens: list[float] = field(default_factory=list)
     inter_token_latencies: list[float] = field(default_factory=list)
     finished: list[RequestStats] = field(default_factory=list)

@@ -7,6 +7,10 @@ prompt rows of requests that asked for prompt logprobs), and samples them in one
 Rows under a grammar (structured output) get their token bitmask from llguidance on a side
 thread while the forward runs, so the mask costs the step little more than its application.
 
+A speculative chunk (last token + K draft tokens) samples at each of its K+1 positions, as K+1
+"virtual" rows that see the drafts before them as output (penalties, min_tokens and the
+grammar advance through them); server/engine/speculative.py decides how many drafts to keep.
+
 Legend: N tokens in the packed batch, S sampling rows, C channels, V vocab, K top logprobs.
 """
 from __future__ import annotations
@@ -22,9 +26,10 @@ from models.fast_linear import pack_linear_layers
 from models.fused_attention import decode_kernel, describe_decode_path
 from models.loader import LoadedModel
 from server.engine.grammar import GrammarCompiler
-from server.engine.sampler import Sampler, SamplingRow, needs_mask_first, prompt_logprobs
+from server.engine.sampler import Sampler, SamplingRow, needs_mask_first, prompt_logprobs, target_probs, token_logprobs
 from server.engine.scheduler import ScheduledChunk, SchedulerOutput
 from server.engine.sequence import Sequence
+from server.engine.speculative import accept_greedy, accept_sampled
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +37,11 @@ TokenLogprobs = tuple[float, list[tuple[int, float]]]  # logprob of the chosen t
 
 
 @dataclass(slots=True)
-class SampledToken:
+class SampledTokens:
+    """What one sequence emits this step: one token, or the accepted drafts and one more."""
     seq: Sequence
-    token_id: int
-    logprobs: TokenLogprobs | None  # only when the request asked for logprobs
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs] | None  # one per token, only when the request asked for logprobs
 
 
 @dataclass(slots=True)
@@ -47,7 +53,7 @@ class PromptLogprobs:
 
 @dataclass(slots=True)
 class StepResult:
-    sampled: list[SampledToken]
+    sampled: list[SampledTokens]
     prompt_logprobs: list[PromptLogprobs]
 
 
@@ -86,64 +92,149 @@ class ModelRunner:
         """Run one forward for every chunk, sample the chunks that end at their last token.
 
         Args:
-            output: the scheduler's step; chunks of one query are moved in front (decodes).
+            output: the scheduler's step; decodes and verification chunks are moved in front.
         Returns:
             Sampled tokens (and prompt logprobs) for the caller to append and check.
         """
-        chunks = sorted(output.chunks, key=lambda c: c.num_new_tokens != 1)  # decodes first, stable
+        sampling_rows = {id(c): self._sampling_rows(c) for c in output.chunks  # may trim drafts (grammar)
+                         if c.samples and c.seq.params.max_tokens != 0}
+        chunks = sorted(output.chunks, key=lambda c: not _is_decode_like(c))  # stable
         input_ids, positions, query_lens, seq_lens = [], [], [], []
         for chunk in chunks:
             start, seq = chunk.seq.num_computed_tokens, chunk.seq
-            input_ids += seq.token_ids[start:start + chunk.num_new_tokens]
+            input_ids += seq.token_ids[start:start + chunk.num_new_tokens - len(chunk.draft_token_ids)]
+            input_ids += chunk.draft_token_ids
             positions += range(start, start + chunk.num_new_tokens)
             query_lens.append(chunk.num_new_tokens)
             seq_lens.append(start + chunk.num_new_tokens)
-        meta = build_attention_metadata(query_lens, seq_lens, [c.seq.block_table for c in chunks],
-                                        self.block_size, self.device)
-        meta.workspace, meta.use_fused_decode = self.workspace, self.use_fused_decode
-        sampling = [i for i, c in enumerate(chunks) if c.samples and c.seq.params.max_tokens != 0]
-        masks = self._start_grammar_masks([chunks[i].seq for i in sampling])
-        hidden = self.model(
-            torch.tensor(input_ids, device=self.device),  # (N,)
-            torch.tensor(positions, device=self.device),  # (N,)
-            meta,
-        )  # (N, C)
-        ends = meta.query_start_loc[1:]
-        rows_at = torch.tensor([ends[i] - 1 for i in sampling], device=self.device, dtype=torch.long)
-        sampled = self._sample(hidden[rows_at], [chunks[i] for i in sampling], masks)
-        scored = [self._prompt_logprobs(hidden, meta.query_start_loc[i], c)
+        sampling = [c for c in chunks if id(c) in sampling_rows]
+        rows = [row for c in sampling for row in sampling_rows[id(c)]]  # one per sampled position
+        masks = self._start_grammar_masks(rows, [bool(c.draft_token_ids) for c in sampling for _ in sampling_rows[id(c)]])
+        hidden = self._forward(input_ids, positions, query_lens, seq_lens, [c.seq.block_table for c in chunks],
+                               sum(map(_is_decode_like, chunks)))  # (N, C)
+        ends = {id(c): end for c, end in zip(chunks, hidden.meta.query_start_loc[1:])}
+        rows_at = torch.tensor([ends[id(c)] - _num_rows(c) + i for c in sampling for i in range(_num_rows(c))],
+                               device=self.device, dtype=torch.long)
+        sampled = self._sample(hidden.states[rows_at], sampling, rows, masks)
+        scored = [self._prompt_logprobs(hidden.states, hidden.meta.query_start_loc[i], c)
                   for i, c in enumerate(chunks) if c.seq.params.prompt_logprobs is not None
                   and c.seq.num_computed_tokens < c.seq.num_prompt_tokens]
         return StepResult(sampled, [s for s in scored if s.entries])
 
-    def _start_grammar_masks(self, seqs: list[Sequence]) -> Future | None:
-        """The bitmask of the rows that must be masked before sampling (needs_mask_first),
-        computed by llguidance's threads while the forward runs (the matchers already hold every
-        token sampled so far); None when no row needs one. Other constrained rows are checked
-        after an unmasked draw (Sampler)."""
-        matchers = [seq.grammar if needs_mask_first(seq.params) else None for seq in seqs]
+    @torch.inference_mode()
+    def forward(self, queries: list[list[int]], seq_lens: list[int], block_tables: list[list[int]]) -> torch.Tensor:
+        """Hidden states at the last token of each query (a draft model's step).
+
+        Args:
+            queries: new tokens per sequence, ending at position seq_len - 1.
+            seq_lens: context length per sequence after these tokens.
+            block_tables: where each sequence's K/V live (the target's tables).
+        Returns:
+            (S, C) in the order given.
+        """
+        order = sorted(range(len(queries)), key=lambda i: len(queries[i]) != 1)  # decodes first
+        input_ids = [t for i in order for t in queries[i]]
+        positions = [p for i in order for p in range(seq_lens[i] - len(queries[i]), seq_lens[i])]
+        hidden = self._forward(input_ids, positions, [len(queries[i]) for i in order], [seq_lens[i] for i in order],
+                               [block_tables[i] for i in order], None)
+        last = torch.empty(len(order), dtype=torch.long)  # (S,) packed row of each query's last token
+        last[torch.tensor(order)] = torch.tensor(hidden.meta.query_start_loc[1:]) - 1
+        return hidden.states[last.to(self.device)]
+
+    def _forward(self, input_ids: list[int], positions: list[int], query_lens: list[int], seq_lens: list[int],
+                 block_tables: list[list[int]], num_decode_seqs: int | None) -> "_Hidden":
+        meta = build_attention_metadata(query_lens, seq_lens, block_tables, self.block_size, self.device,
+                                        num_decode_seqs)
+        meta.workspace, meta.use_fused_decode = self.workspace, self.use_fused_decode
+        states = self.model(
+            torch.tensor(input_ids, device=self.device),  # (N,)
+            torch.tensor(positions, device=self.device),  # (N,)
+            meta,
+        )  # (N, C)
+        return _Hidden(states, meta)
+
+    def _start_grammar_masks(self, rows: list[SamplingRow], speculative: list[bool]) -> Future | None:
+        """The bitmask of the rows that must be masked before sampling (needs_mask_first, and
+        the sampled positions of a verification, whose probabilities are compared), computed by
+        llguidance's threads while the forward runs (the matchers already hold every token
+        sampled so far); None when no row needs one. Other constrained rows are checked after an
+        unmasked draw (Sampler)."""
+        matchers = [row.grammar if needs_mask_first(row.params) or (spec and not row.params.greedy) else None
+                    for row, spec in zip(rows, speculative)]
         if all(m is None for m in matchers):
             return None
         return self._mask_thread.submit(self.grammars.fill_bitmask, matchers, self.vocab_size)
 
-    def _sample(self, hidden: torch.Tensor, chunks: list[ScheduledChunk], masks: Future | None) -> list[SampledToken]:
+    def _sample(self, hidden: torch.Tensor, chunks: list[ScheduledChunk], rows: list[SamplingRow],
+                masks: Future | None) -> list[SampledTokens]:
+        """hidden (R, C): one row per sampled position; a verification chunk has 1 + K of them."""
         if not chunks:
             return []
-        logits = self.model.compute_logits(hidden)  # (S, C) -> (S, V)
-        rows = [self._sampling_row(c.seq) for c in chunks]
-        out = self.sampler(logits, rows, masks.result() if masks is not None else None, self.grammars)
-        token_ids = out.token_ids.tolist()
-        logprobs = out.logprobs.tolist() if out.logprobs is not None else None
-        top_ids = out.top_token_ids.tolist() if out.top_token_ids is not None else None
-        top_lps = out.top_logprobs.tolist() if out.top_logprobs is not None else None
-        results = []
-        for i, chunk in enumerate(chunks):
+        logits = self.model.compute_logits(hidden)  # (R, C) -> (R, V)
+        bitmask = masks.result() if masks is not None else None  # (R, W)
+        out = self.sampler(logits, rows, bitmask, self.grammars, with_logprobs=False)
+        drawn = out.token_ids.tolist()
+        emitted, first = [], 0
+        for chunk in chunks:
+            drafts, num = chunk.draft_token_ids, _num_rows(chunk)
+            if not drafts:
+                tokens = [drawn[first]]
+            elif chunk.seq.params.greedy:
+                chunk.num_accepted = accept_greedy(drawn[first:first + num], drafts)
+                tokens = drafts[:chunk.num_accepted] + [drawn[first + chunk.num_accepted]]
+            else:
+                window = slice(first, first + num)
+                p = target_probs(logits[window], rows[window], None if bitmask is None else bitmask[window])  # (K+1, V)
+                chunk.num_accepted, correction = accept_sampled(p, drafts, chunk.draft_probs)
+                tokens = drafts[:chunk.num_accepted] + [drawn[first + num - 1] if correction is None else correction]
+            emitted.append(tokens)
+            first += num
+        return self._with_logprobs(logits, chunks, rows, emitted)
+
+    def _with_logprobs(self, logits: torch.Tensor, chunks: list[ScheduledChunk], rows: list[SamplingRow],
+                       emitted: list[list[int]]) -> list[SampledTokens]:
+        """Logprobs (under the raw logits) of each emitted token, for the requests that asked."""
+        if not any(c.seq.params.logprobs is not None for c in chunks):
+            return [SampledTokens(c.seq, tokens, None) for c, tokens in zip(chunks, emitted)]
+        starts = [0]
+        for chunk in chunks:
+            starts.append(starts[-1] + _num_rows(chunk))
+        at = [starts[i] + j for i, tokens in enumerate(emitted) for j in range(len(tokens))]
+        flat = [t for tokens in emitted for t in tokens]
+        index = torch.tensor(at, device=logits.device)  # (E,)
+        scored = token_logprobs(logits[index], torch.tensor(flat, device=logits.device), [rows[i] for i in at])
+        logprobs = scored.logprobs.tolist()
+        top_ids, top_lps = scored.top_token_ids.tolist(), scored.top_logprobs.tolist()
+        results, e = [], 0
+        for chunk, tokens in zip(chunks, emitted):
             k = chunk.seq.params.logprobs
-            entry = None
-            if k is not None and logprobs is not None:
-                entry = (logprobs[i], list(zip(top_ids[i][:k], top_lps[i][:k])) if k else [])
-            results.append(SampledToken(chunk.seq, token_ids[i], entry))
+            entries = None
+            if k is not None:
+                entries = [(logprobs[e + j], list(zip(top_ids[e + j][:k], top_lps[e + j][:k])) if k else [])
+                           for j in range(len(tokens))]
+            results.append(SampledTokens(chunk.seq, tokens, entries))
+            e += len(tokens)
         return results
+
+    def _sampling_rows(self, chunk: ScheduledChunk) -> list[SamplingRow]:
+        """The chunk's sampled positions: one row, or 1 + K for a verification, where row i sees
+        drafts[:i] as output (its grammar matcher advanced through them)."""
+        row = self._sampling_row(chunk.seq)
+        if not chunk.draft_token_ids:
+            return [row]
+        drafts, matcher = chunk.draft_token_ids, row.grammar
+        if matcher is not None:  # never verify a draft the grammar forbids
+            chunk.keep_drafts(matcher.validate_tokens(drafts))
+            drafts = chunk.draft_token_ids
+        rows = [row]
+        for i in range(1, len(drafts) + 1):
+            grammar = None
+            if matcher is not None:
+                grammar = matcher.deep_copy()
+                grammar.consume_tokens(drafts[:i])
+            rows.append(SamplingRow(row.params, row.prompt_token_ids, row.output_token_ids + drafts[:i],
+                                    row.generator, row.stop_token_ids, grammar))
+        return rows
 
     def _sampling_row(self, seq: Sequence) -> SamplingRow:
         params = seq.params
@@ -175,3 +266,19 @@ class ModelRunner:
     def release(self, seq_id: int) -> None:
         """Forget per-sequence state (its seeded generator) once it finished."""
         self.generators.pop(seq_id, None)
+
+
+@dataclass(slots=True)
+class _Hidden:
+    states: torch.Tensor  # (N, C)
+    meta: object          # the step's AttentionMetadata
+
+
+def _num_rows(chunk: ScheduledChunk) -> int:
+    """Sampled positions of a sampling chunk: its last token, plus one per draft."""
+    return 1 + len(chunk.draft_token_ids)
+
+
+def _is_decode_like(chunk: ScheduledChunk) -> bool:
+    """Attended one row per token with the decode kernel: a decode or a verification chunk."""
+    return chunk.num_new_tokens == 1 or bool(chunk.draft_token_ids)

@@ -64,10 +64,11 @@ class Sampler:
     """
 
     def __call__(self, logits: Tensor, rows: list[SamplingRow], grammar_bitmask: Tensor | None = None,
-                 grammars: GrammarCompiler | None = None) -> SamplerOutput:
+                 grammars: GrammarCompiler | None = None, with_logprobs: bool = True) -> SamplerOutput:
+        """with_logprobs=False: the caller scores the tokens it keeps itself (token_logprobs)."""
         assert logits.dim() == 2 and logits.shape[0] == len(rows), (logits.shape, len(rows))
         logits = logits.to(torch.float32)  # (S, V) the stages never edit the caller's tensor
-        wants_logprobs = any(r.params.logprobs is not None for r in rows)
+        wants_logprobs = with_logprobs and any(r.params.logprobs is not None for r in rows)
         raw_logprobs = logits.log_softmax(dim=-1) if wants_logprobs else None  # (S, V)
         logits = apply_penalties(logits, rows)
         logits = mask_stop_tokens(logits, rows)
@@ -259,6 +260,24 @@ def exponential_race(probs: Tensor, generators: list[torch.Generator | None]) ->
     """
     q = exponential_noise(probs, generators)  # (S, V)
     return (probs / q).argmax(dim=-1)  # (S,)
+
+
+def target_probs(logits: Tensor, rows: list[SamplingRow], grammar_bitmask: Tensor | None = None) -> Tensor:
+    """The normalized (S, V) distribution that sampling non-greedy rows draws from: every stage
+    of the pipeline (penalties, min_tokens, grammar mask, temperature, top_k/top_p, min_p).
+    Speculative verification compares draft tokens against it."""
+    logits = apply_penalties(logits.to(torch.float32), rows)  # (S, V)
+    logits = mask_stop_tokens(logits, rows)
+    if grammar_bitmask is not None:
+        logits = apply_bitmask(logits, grammar_bitmask)
+    logits = apply_top_k_top_p(apply_temperature(logits, rows), rows)
+    probs = apply_min_p(logits.softmax(dim=-1), rows)  # (S, V)
+    return probs / probs.sum(dim=-1, keepdim=True)
+
+
+def token_logprobs(logits: Tensor, token_ids: Tensor, rows: list[SamplingRow]) -> SamplerOutput:
+    """Raw-logit logprobs of given tokens (S,) and each row's top-k, from (S, V) logits."""
+    return _with_logprobs(token_ids, logits.to(torch.float32).log_softmax(dim=-1), rows)
 
 
 def _with_logprobs(token_ids: Tensor, raw_logprobs: Tensor | None,

@@ -44,6 +44,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # None: none; k >= 0: per prompt token (first is None)
     skip_special_tokens: bool = True
     grammar: GrammarSpec | None = None  # structured output: only tokens the grammar allows
+    speculative: bool = True          # False: never speculate for this request (when the server does)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

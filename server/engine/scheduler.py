@@ -3,7 +3,8 @@
 Plain Python over `Sequence` objects and the `BlockManager` (no torch). Each step it returns a
 list of chunks, "compute these tokens of this sequence", mixing decode tokens and prefill chunks
 under two budgets: tokens per step (`max_num_batched_tokens`) and running sequences
-(`max_num_seqs`).
+(`max_num_seqs`). With speculative decoding on, a decode may also reserve lookahead slots for
+draft tokens that the engine's proposer fills before the forward (server/engine/speculative.py).
 """
 from __future__ import annotations
 
@@ -17,18 +18,40 @@ from server.engine.sequence import FinishReason, Sequence, SequenceStatus
 
 @dataclass(slots=True)
 class ScheduledChunk:
-    """Compute `seq.token_ids[seq.num_computed_tokens : +num_new_tokens]` in this step."""
+    """Compute `seq.token_ids[seq.num_computed_tokens : +num_new_tokens]` in this step.
+
+    A speculative decode computes its last token followed by `draft_token_ids` (K <= the
+    `num_spec_slots` it reserved); the target verifies all 1 + K positions, and `num_accepted`
+    of the drafts (set after the forward) are kept.
+    """
 
     seq: Sequence
     num_new_tokens: int
+    num_spec_slots: int = 0          # lookahead reserved at schedule time (blocks and budget)
     # True when the chunk reaches the end of seq.token_ids, so a token is sampled after it.
     # Frozen at schedule time: it stays right after update_after_step() moves the counters.
     samples: bool = field(init=False)
+    draft_token_ids: list[int] = field(default_factory=list)
+    draft_probs: object = None       # (K, V) tensor: the draft model's sampling distributions, or None
+    num_accepted: int = 0
 
     def __post_init__(self) -> None:
         end = self.seq.num_computed_tokens + self.num_new_tokens
         assert 1 <= self.num_new_tokens and end <= self.seq.num_tokens
         self.samples = end == self.seq.num_tokens
+
+    def set_drafts(self, token_ids: list[int], probs=None) -> None:
+        """Fill the lookahead slots with proposed tokens (at most num_spec_slots)."""
+        assert len(token_ids) <= self.num_spec_slots and self.num_new_tokens == 1
+        self.draft_token_ids, self.draft_probs = token_ids, probs
+        self.num_new_tokens = 1 + len(token_ids)
+
+    def keep_drafts(self, num: int) -> None:
+        """Drop the drafts after the first `num` (e.g. the ones a grammar forbids)."""
+        self.draft_token_ids = self.draft_token_ids[:num]
+        if self.draft_probs is not None:
+            self.draft_probs = self.draft_probs[:num] if num else None
+        self.num_new_tokens = 1 + num
 
 
 @dataclass
@@ -63,9 +86,14 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         max_model_len: int,
+        num_speculative_tokens: int = 0,
+        speculative_max_batch: int = 0,
     ) -> None:
         assert max_num_seqs >= 1 and max_num_batched_tokens >= 1 and max_model_len >= 1
+        assert num_speculative_tokens >= 0
         self.block_manager = block_manager
+        self.num_speculative_tokens = num_speculative_tokens  # K: lookahead slots per decode, 0 = off
+        self.speculative_max_batch = speculative_max_batch    # more decodes than this: no lookahead
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
@@ -156,7 +184,10 @@ class Scheduler:
     def update_after_step(self, output: SchedulerOutput) -> None:
         """Record that the step ran: advance computed counts and cache newly full blocks.
 
-        Called by the engine after the forward pass and before it appends the sampled tokens.
+        Called by the engine after the forward pass and after it appended the sampled tokens
+        (the accepted drafts must be in `seq.token_ids` before their blocks are hashed). A
+        speculative chunk advances by its last token plus the accepted drafts; blocks reserved
+        for rejected drafts are given back.
 
         Args:
             output: what `schedule()` returned for this step.
@@ -164,16 +195,23 @@ class Scheduler:
         for chunk in output.chunks:
             seq = chunk.seq
             assert not seq.is_finished, "aborts are applied between steps, never during one"
-            seq.num_computed_tokens += chunk.num_new_tokens
-            assert seq.num_computed_tokens <= seq.num_tokens
+            num_rejected = len(chunk.draft_token_ids) - chunk.num_accepted
+            # a sequence that stopped inside its accepted drafts kept fewer tokens: clamp
+            seq.num_computed_tokens = min(seq.num_computed_tokens + chunk.num_new_tokens - num_rejected,
+                                          seq.num_tokens)
             self.block_manager.commit_computed_blocks(seq)
+            if chunk.num_spec_slots:
+                self.block_manager.trim(seq, seq.num_tokens)
 
     # ---- scheduling -------------------------------------------------------------------------
 
     # One step, in three phases, oldest sequences first everywhere (FCFS):
     #
     # 1. Decodes: every running sequence with exactly one uncomputed token (the token sampled
-    #    last step) gets that token, so streaming requests advance every step.
+    #    last step) gets that token, so streaming requests advance every step. With speculative
+    #    decoding, while the decodes are at most `speculative_max_batch`, each one that may
+    #    speculate also reserves K lookahead slots, if the blocks for them are free (speculation
+    #    never preempts anyone: short on memory, it backs off to a plain decode).
     # 2. Prefill continuation: running sequences still working through their prompt (chunked
     #    prefill) get as many tokens as the token budget has left.
     # 3. Admission: waiting sequences, front first, reuse their cached prefix and get a chunk of
@@ -194,11 +232,19 @@ class Scheduler:
         """
         step = _Step(self.max_num_batched_tokens, self.max_num_seqs - len(self.running))
 
-        # Phase 1: decodes, one token each.
-        for seq in [s for s in self.running if s.num_uncomputed_tokens == 1]:
+        # Phase 1: decodes, one token each (plus lookahead slots when speculating).
+        decodes = [s for s in self.running if s.num_uncomputed_tokens == 1]
+        speculate = 0 < len(decodes) <= self.speculative_max_batch and self.num_speculative_tokens > 0
+        for seq in decodes:
             if step.token_budget == 0:
                 break
-            if seq.status is SequenceStatus.RUNNING and self._make_room(seq, 1, step):
+            if seq.status is not SequenceStatus.RUNNING:
+                continue
+            slots = self._num_lookahead_slots(seq, step) if speculate else 0
+            if slots and self.block_manager.can_allocate(seq, 1 + slots):
+                self.block_manager.allocate(seq, 1 + slots)
+                self._add_chunk(seq, 1, step, slots)
+            elif self._make_room(seq, 1, step):
                 self._add_chunk(seq, 1, step)
 
         # Phase 2: running sequences still prefilling, as much as the budget allows.
@@ -214,6 +260,16 @@ class Scheduler:
             self._admit_waiting(step)
 
         return self._close_step(step)
+
+    def _num_lookahead_slots(self, seq: Sequence, step: _Step) -> int:
+        """Draft tokens a decode may verify this step: K, capped so that the step can never emit
+        past max_tokens or the context (it emits at most the drafts plus one token)."""
+        if not seq.params.speculative or (seq.params.seed is not None and not seq.params.greedy):
+            return 0  # opted out; seeded sampling keeps its tokens independent of batch size
+        slots = min(self.num_speculative_tokens, step.token_budget - 1, self.max_model_len - seq.num_tokens)
+        if seq.params.max_tokens is not None:
+            slots = min(slots, seq.params.max_tokens - seq.num_output_tokens - 1)
+        return max(slots, 0)
 
     def _make_room(self, seq: Sequence, num_new_tokens: int, step: _Step) -> bool:
         """Allocate blocks for a running seq, preempting the newest running ones if needed."""
@@ -245,9 +301,9 @@ class Scheduler:
             step.seq_budget -= 1
             self._add_chunk(seq, num_new_tokens, step)
 
-    def _add_chunk(self, seq: Sequence, num_new_tokens: int, step: _Step) -> None:
-        step.chunks[seq.seq_id] = ScheduledChunk(seq, num_new_tokens)
-        step.token_budget -= num_new_tokens
+    def _add_chunk(self, seq: Sequence, num_new_tokens: int, step: _Step, num_spec_slots: int = 0) -> None:
+        step.chunks[seq.seq_id] = ScheduledChunk(seq, num_new_tokens, num_spec_slots)
+        step.token_budget -= num_new_tokens + num_spec_slots
 
     def _preempt(self, seq: Sequence, step: _Step) -> None:
         self.running.remove(seq)
@@ -261,11 +317,11 @@ class Scheduler:
         step.seq_budget += 1
         chunk = step.chunks.pop(seq.seq_id, None)
         if chunk is not None:              # scheduled earlier in this step: withdraw it
-            step.token_budget += chunk.num_new_tokens
+            step.token_budget += chunk.num_new_tokens + chunk.num_spec_slots
 
     def _close_step(self, step: _Step) -> SchedulerOutput:
         chunks = list(step.chunks.values())
-        num_batched_tokens = sum(chunk.num_new_tokens for chunk in chunks)
+        num_batched_tokens = sum(chunk.num_new_tokens + chunk.num_spec_slots for chunk in chunks)
         assert num_batched_tokens + step.token_budget == self.max_num_batched_tokens
         assert 0 <= step.token_budget and num_batched_tokens <= self.max_num_batched_tokens
         assert len(self.running) + step.seq_budget == self.max_num_seqs
