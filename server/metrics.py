@@ -52,6 +52,9 @@ class Metrics:
         self.generation_tokens = counter("nanoserve_generation_tokens", "Tokens generated")
         self.prefix_queries = counter("nanoserve_prefix_cache_queries", "Prompt tokens looked up in the prefix cache")
         self.prefix_hits = counter("nanoserve_prefix_cache_hits", "Prompt tokens found in the prefix cache")
+        self.spec_drafts = counter("nanoserve_spec_decode_num_drafts", "Speculative verifications (sequences with draft tokens)")
+        self.spec_draft_tokens = counter("nanoserve_spec_decode_num_draft_tokens", "Draft tokens verified")
+        self.spec_accepted_tokens = counter("nanoserve_spec_decode_num_accepted_tokens", "Draft tokens the target accepted")
         success = Counter("nanoserve_request_success", "Finished requests by finish reason",
                           ["model_name", "finished_reason"], registry=self.registry)
         self.success = {reason: success.labels(name, reason) for reason in FINISH_REASONS}
@@ -83,6 +86,10 @@ class Metrics:
         self.generation_tokens.inc(stats.num_generation_tokens)
         self.prefix_queries.inc(stats.num_prefix_queried_tokens)
         self.prefix_hits.inc(stats.num_prefix_hit_tokens)
+        if stats.num_spec_drafts:
+            self.spec_drafts.inc(stats.num_spec_drafts)
+            self.spec_draft_tokens.inc(stats.num_spec_draft_tokens)
+            self.spec_accepted_tokens.inc(stats.num_spec_accepted_tokens)
         if stats.batch_size:
             self.batch_size.observe(stats.batch_size)
             self.iteration_tokens.observe(stats.num_batched_tokens)

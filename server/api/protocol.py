@@ -6,7 +6,8 @@ implement is a 400 that names it (as OpenAI answers an unrecognized argument), e
 harmless ones in IGNORED_FIELDS and unimplemented fields sent with their no-op default
 (`logit_bias: {}`, `best_of: 1`, ...). The vLLM-style extras `top_k`, `min_p`,
 `repetition_penalty`, `ignore_eos`, `min_tokens`, `stop_token_ids` and the structured-output
-fields (server/api/structured_output.py) are accepted on both generation routes.
+fields (server/api/structured_output.py) are accepted on both generation routes, and so is
+nanoserve's `speculative: false`, which opts a request out of the server's speculative decoding.
 """
 from __future__ import annotations
 
@@ -80,6 +81,7 @@ class SamplingFields(GuidedFields, OpenAIModel):
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0)
+    speculative: bool = True                      # False: no speculative decoding for this request
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -123,7 +125,7 @@ class SamplingFields(GuidedFields, OpenAIModel):
             seed=self.seed, max_tokens=max_tokens, min_tokens=self.min_tokens, stop=stop,
             stop_token_ids=list(self.stop_token_ids or []), ignore_eos=self.ignore_eos,
             logprobs=logprobs, prompt_logprobs=prompt_logprobs,
-            grammar=constraint[1] if constraint else None,
+            grammar=constraint[1] if constraint else None, speculative=self.speculative,
         )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import sys
 from types import FrameType
 
 import uvicorn
@@ -39,7 +40,11 @@ class _GracefulServer(uvicorn.Server):
 
 def serve(args: argparse.Namespace) -> int:
     """Run the HTTP server until a signal. Returns the process exit status."""
-    config = server_config_from_args(args)
+    try:
+        config = server_config_from_args(args)
+    except ValueError as error:  # inconsistent flags: one sentence, like argparse
+        print(f"nanoserve serve: error: {error}", file=sys.stderr)
+        return 2
     app = build_app(config)
     uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
                                timeout_graceful_shutdown=config.shutdown_timeout_s)

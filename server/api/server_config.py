@@ -67,12 +67,35 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-memory", type=_parse_bytes, default=_parse_bytes(_env("kv_cache_memory", e.kv_cache_memory)), help="bytes for the KV pool, e.g. 2GiB")
     p.add_argument("--num-kv-blocks", type=int, default=_opt_int(_env("num_kv_blocks", None)), help="explicit pool size (overrides --kv-cache-memory)")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=_env_bool("enable_prefix_caching", True))
+    add_speculative_arguments(p)
     p.add_argument("--max-queue", type=int, default=int(_env("max_queue", 1024)), help="waiting requests before 429")
     p.add_argument("--max-request-bytes", type=int, default=int(_env("max_request_bytes", 1 << 20)), help="larger bodies get 413")
     p.add_argument("--api-key", default=_env("api_key", None), help="require 'Authorization: Bearer KEY' on /v1/*")
     p.add_argument("--shutdown-timeout", type=float, default=float(_env("shutdown_timeout", 30)),
                    help="seconds in-flight requests get to finish after SIGTERM before they are aborted")
     p.add_argument("--log-level", default=_env("log_level", "info"), choices=["debug", "info", "warning", "error"])
+
+
+def add_speculative_arguments(p: argparse.ArgumentParser) -> None:
+    """Speculative decoding flags (serve and bench)."""
+    p.add_argument("--speculative", default=_env("speculative", None), metavar="ngram|draft:SPEC",
+                   help="speculative decoding: n-gram prompt lookup, or a draft model with the same tokenizer")
+    p.add_argument("--num-speculative-tokens", type=int, default=int(_env("num_speculative_tokens", 4)),
+                   help="draft tokens verified per step (K)")
+    p.add_argument("--draft-num-layers", type=int, default=_opt_int(_env("draft_num_layers", None)),
+                   help="keep only the draft model's first N layers (a layer-truncated copy)")
+    p.add_argument("--speculative-max-batch", type=int, default=int(_env("speculative_max_batch", 8)),
+                   help="speculate only while at most this many sequences decode")
+
+
+def speculative_config_from_args(args: argparse.Namespace):
+    """A SpeculativeConfig, or None without --speculative. Raises ValueError for bad values."""
+    from server.engine.speculative import SpeculativeConfig
+
+    if not args.speculative:
+        return None
+    return SpeculativeConfig.parse(args.speculative, num_tokens=args.num_speculative_tokens,
+                                   draft_num_layers=args.draft_num_layers, max_batch=args.speculative_max_batch)
 
 
 def _opt_int(value) -> int | None:
@@ -84,7 +107,7 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
         kv_cache_memory=args.kv_cache_memory, num_kv_blocks=args.num_kv_blocks,
-        enable_prefix_caching=args.enable_prefix_caching,
+        enable_prefix_caching=args.enable_prefix_caching, speculative=speculative_config_from_args(args),
     )
     return ServerConfig(
         model=args.model, served_model_name=args.served_model_name, host=args.host, port=args.port,

@@ -211,9 +211,9 @@ def load_draft_model(config: SpeculativeConfig, target):
         if not 1 <= config.draft_num_layers <= num_layers:
             raise ModelLoadError(f"--draft-num-layers must be in 1..{num_layers} for draft {config.draft_model!r}")
         draft.model.keep_first_layers(config.draft_num_layers)
-    probe = "Speculative decoding: the draft's tokens must mean the same to the target. 12345 àé 😀"
-    same = (draft.tokenizer.vocab_size == target.tokenizer.vocab_size
-            and draft.tokenizer.encode(probe) == target.tokenizer.encode(probe))
+    a, b = draft.tokenizer, target.tokenizer
+    same = a.vocab_size == b.vocab_size and a.stop_token_ids == b.stop_token_ids and all(
+        a.token_bytes(i) == b.token_bytes(i) for i in range(a.vocab_size))
     if not same:
         raise ModelLoadError(f"the draft model {config.draft_model!r} does not share the tokenizer of "
                              f"{target.name!r}; a draft must propose token ids the target reads the same way")
