@@ -17,6 +17,8 @@ SERIES = [
     "nanoserve_e2e_request_latency_seconds_count", "nanoserve_request_queue_time_seconds_count",
     "nanoserve_request_prompt_tokens_count", "nanoserve_request_generation_tokens_count",
     "nanoserve_batch_size_count", "nanoserve_iteration_tokens_count", "nanoserve_build_info",
+    "nanoserve_spec_decode_num_drafts_total", "nanoserve_spec_decode_num_draft_tokens_total",
+    "nanoserve_spec_decode_num_accepted_tokens_total",
 ]
 
 

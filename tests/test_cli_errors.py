@@ -26,3 +26,21 @@ def test_unloadable_model_is_one_sentence_and_exit_1(unsupported_checkpoint, com
     assert done.returncode == 1, done.stderr[-2000:]
     assert "Traceback" not in done.stderr, done.stderr[-2000:]
     assert "model_type 'mamba'" in done.stderr and "not supported" in done.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--speculative", "medusa"], "unknown speculative method 'medusa'"),
+    (["--speculative", "ngram", "--num-speculative-tokens", "0"], "at least 1"),
+])
+def test_bad_speculative_flags_are_one_sentence(flags, message):
+    argv = [sys.executable, "-m", "server.cli", "serve", "--model", "random:tiny-gpt2", "--port", str(free_port()), *flags]
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
+
+
+def test_draft_with_another_tokenizer_is_one_sentence():
+    argv = [sys.executable, "-m", "server.cli", "serve", "--model", "random:tiny-gpt2", "--port", str(free_port()),
+            "--speculative", "draft:random:tiny-qwen2"]
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "does not share the tokenizer" in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
