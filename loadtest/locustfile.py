@@ -173,6 +173,11 @@ class NanoserveUser(User):
     def shared_prefix(self) -> None:
         self.run_scenario("shared_prefix")
 
+    @tag("rewrite")
+    @task(SCENARIO_WEIGHTS["rewrite"])
+    def rewrite(self) -> None:
+        self.run_scenario("rewrite")
+
     def run_scenario(self, name: str) -> None:
         o = self.options
         if not _budget.claim(o.max_requests):

@@ -36,6 +36,11 @@ class LevelSummary:
     server_generation_tokens: float | None = None      # nanoserve_generation_tokens_total delta
     server_output_tokens_per_s: float | None = None
     errors: dict[str, int] | None = None               # reason -> count (first 80 characters)
+    # time per output token of a request after its first, (e2e - ttft) / (tokens - 1): unlike
+    # the chunk gaps (ITL) it stays per token when a chunk carries several (speculation)
+    tpot_ms_p50: float | None = None
+    tpot_ms_p99: float | None = None
+    server_spec_acceptance: float | None = None         # accepted / verified draft tokens, when speculating
 
 
 def load_samples(path: Path) -> list[RequestRecord]:
@@ -65,6 +70,7 @@ def summarize_level(users: int, records: list[RequestRecord], server_tokens: flo
     ttfts = [r.ttft for r in ok if r.ttft is not None]
     itls = [gap for r in ok for gap in r.itl]
     e2es = [r.e2e for r in ok]
+    tpots = [(r.e2e - r.ttft) / (r.output_tokens - 1) for r in ok if r.ttft is not None and r.output_tokens > 1]
     return LevelSummary(
         users=users, duration_s=round(window, 3), num_requests=len(records), num_errors=len(records) - len(ok),
         requests_per_s=round(len(ok) / window, 3), output_tokens=output_tokens,
@@ -77,6 +83,7 @@ def summarize_level(users: int, records: list[RequestRecord], server_tokens: flo
         server_generation_tokens=server_tokens,
         server_output_tokens_per_s=None if server_tokens is None else round(server_tokens / window, 2),
         errors=_error_counts(records) or None,
+        tpot_ms_p50=_pct(tpots, 50), tpot_ms_p99=_pct(tpots, 99),
     )
 
 

@@ -9,13 +9,17 @@ so `range_ratio=0` gives fixed lengths (add `ignore_eos` to make the output leng
     long_generation  a short prompt, a long answer (decode-bound)
     shared_prefix    one long system prompt shared by every request + a short question
                      (prefix-cache friendly: only the question is prefilled after the first)
-    mixed            all of the above, weighted 4 : 1 : 1 : 2
+    rewrite          "rewrite this passage" over real English paragraphs, an answer that
+                     repeats much of its prompt (where speculative n-gram lookup pays)
+    mixed            all of the above, weighted 4 : 1 : 1 : 2 : 1
 
-Prompts are random common English words; most are one token in GPT-2 and Llama-style BPE
+Prompts are random common English words (rewrite: paragraphs of the essay on heaps that ships
+with Python as `heapq.__about__`); most words are one token in GPT-2 and Llama-style BPE
 vocabularies, and the Locust users calibrate the ratio against the server's `/tokenize` once.
 """
 from __future__ import annotations
 
+import heapq
 import random
 from dataclasses import dataclass
 
@@ -31,8 +35,11 @@ WORDS = (
     "take three city house water light story river music table window garden paper money night friend"
 ).split()
 
-SCENARIOS = ("short_chat", "long_prompt", "long_generation", "shared_prefix")
-SCENARIO_WEIGHTS = {"short_chat": 4, "long_prompt": 1, "long_generation": 1, "shared_prefix": 2}
+SCENARIOS = ("short_chat", "long_prompt", "long_generation", "shared_prefix", "rewrite")
+SCENARIO_WEIGHTS = {"short_chat": 4, "long_prompt": 1, "long_generation": 1, "shared_prefix": 2, "rewrite": 1}
+REWRITE_INSTRUCTION = "Rewrite the following text, keeping its wording and fixing any typos:\n\n"
+# Real English prose, on disk with every Python: the paragraphs (40+ words) of heapq's essay.
+REWRITE_PASSAGES = tuple(" ".join(p.split()) for p in heapq.__about__.split("\n\n") if len(p.split()) >= 40)
 SHARED_PREFIX_TOKENS = 512     # the system prompt every shared_prefix request repeats
 CHAT_TEMPLATE_MARGIN = 64      # tokens a chat template may add around the messages
 
@@ -78,6 +85,7 @@ def build_scenario(name: str, context_len: int, prompt_tokens: int | None = None
         "short_chat": (64, 64, 0.5),
         "long_generation": (32, min(512, context_len // 2), 0.25),
         "shared_prefix": (32, 64, 0.5),
+        "rewrite": (0, 256, 0.0),       # the prompt is a passage; the answer ends at EOS
     }
     if name == "long_prompt":
         out = output_tokens or 32
@@ -107,5 +115,8 @@ def shared_system_prompt(seed: int, tokens_per_word: float = 1.0) -> str:
 def draw_request(scenario: Scenario, rng: random.Random, seed: int, tokens_per_word: float = 1.0) -> RequestSpec:
     """Draw one request's prompt and max_tokens from the scenario's distributions."""
     system = shared_system_prompt(seed, tokens_per_word) if scenario.shared_prefix_tokens else None
+    if scenario.name == "rewrite":
+        return RequestSpec(scenario.name, None, REWRITE_INSTRUCTION + rng.choice(REWRITE_PASSAGES),
+                           scenario.output.sample(rng))
     prompt = make_text(rng, scenario.prompt.sample(rng), tokens_per_word)
     return RequestSpec(scenario.name, system, prompt, scenario.output.sample(rng))

@@ -31,6 +31,9 @@ from loadtest.scenarios import SCENARIOS
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 GENERATION_COUNTER = "nanoserve_generation_tokens_total"
+DRAFT_TOKENS_COUNTER = "nanoserve_spec_decode_num_draft_tokens_total"
+ACCEPTED_TOKENS_COUNTER = "nanoserve_spec_decode_num_accepted_tokens_total"
+SERVER_COUNTERS = (GENERATION_COUNTER, DRAFT_TOKENS_COUNTER, ACCEPTED_TOKENS_COUNTER)
 
 
 def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
@@ -65,14 +68,19 @@ def parse_levels(text: str) -> list[int]:
     return levels
 
 
-def read_generation_tokens(url: str) -> float | None:
-    """Sum of nanoserve_generation_tokens_total over its labels (None when /metrics is unreadable)."""
+def read_counters(url: str) -> dict[str, float] | None:
+    """The server counters a level reports, each summed over its labels (None when /metrics is
+    unreadable): generated tokens, and speculative draft/accepted tokens."""
     try:
         text = httpx.get(url + "/metrics", timeout=10).text
     except httpx.HTTPError:
         return None
-    return sum(s.value for family in text_string_to_metric_families(text)
-               for s in family.samples if s.name == GENERATION_COUNTER)
+    totals = dict.fromkeys(SERVER_COUNTERS, 0.0)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in totals:
+                totals[sample.name] += sample.value
+    return totals
 
 
 def locust_command(args: argparse.Namespace, url: str, users: int, level_dir: Path) -> list[str]:
@@ -93,7 +101,7 @@ def run_level(args: argparse.Namespace, url: str, users: int, run_dir: Path, pro
     level_dir = run_dir / f"level_{users:03d}"
     level_dir.mkdir(parents=True, exist_ok=True)
     samples_path = level_dir / "samples.jsonl"
-    tokens_before = read_generation_tokens(url)
+    before = read_counters(url)
     with open(level_dir / "locust.log", "wb") as log:
         proc = subprocess.Popen(locust_command(args, url, users, level_dir), stdout=log, stderr=subprocess.STDOUT)
         started = time.monotonic()
@@ -102,9 +110,13 @@ def run_level(args: argparse.Namespace, url: str, users: int, run_dir: Path, pro
             time.sleep(0.5)
     if proc.returncode != 0:
         raise RuntimeError(f"locust exited with {proc.returncode} at {users} users; see {level_dir / 'locust.log'}")
-    tokens_after = read_generation_tokens(url)
-    server_tokens = None if None in (tokens_before, tokens_after) else tokens_after - tokens_before
-    return report.summarize_level(users, report.load_samples(samples_path), server_tokens)
+    after = read_counters(url)
+    moved = None if before is None or after is None else {name: after[name] - before[name] for name in after}
+    summary = report.summarize_level(users, report.load_samples(samples_path),
+                                     None if moved is None else moved[GENERATION_COUNTER])
+    if moved and moved[DRAFT_TOKENS_COUNTER]:
+        summary.server_spec_acceptance = round(moved[ACCEPTED_TOKENS_COUNTER] / moved[DRAFT_TOKENS_COUNTER], 4)
+    return summary
 
 
 def _count_lines(path: Path) -> int:

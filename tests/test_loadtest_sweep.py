@@ -24,11 +24,11 @@ def server(tmp_path_factory):
 
 
 def test_sweep_writes_csvs_summary_and_plots_that_match_the_server(server, tmp_path):
-    tokens_before = sweep.read_generation_tokens(server.url)
+    tokens_before = sweep.read_counters(server.url)[sweep.GENERATION_COUNTER]
     argv = ["--host", server.url, "--levels", "1,2", "--duration", "3", "--ignore-eos",
             "--output-tokens", "24", "--range-ratio", "0", "--out", str(tmp_path), "--name", "run", "--no-progress"]
     assert sweep.main(argv) == 0
-    tokens_after = sweep.read_generation_tokens(server.url)
+    tokens_after = sweep.read_counters(server.url)[sweep.GENERATION_COUNTER]
     run = tmp_path / "run"
     for name in ("summary.json", "throughput.png", "latency.png", "ttft_distribution.png",
                  "level_001/locust_stats.csv", "level_002/locust_stats_history.csv", "level_002/samples.jsonl"):
@@ -41,6 +41,7 @@ def test_sweep_writes_csvs_summary_and_plots_that_match_the_server(server, tmp_p
         assert lv["mean_output_tokens"] == 24                       # ignore_eos + fixed max_tokens
         assert 0 < lv["ttft_ms_p50"] <= lv["ttft_ms_p90"] <= lv["ttft_ms_p99"] <= lv["e2e_ms_p99"]
         assert 0 < lv["itl_ms_p50"] <= lv["itl_ms_p99"]
+        assert 0 < lv["tpot_ms_p50"] <= lv["tpot_ms_p99"] and lv["server_spec_acceptance"] is None
         assert lv["server_output_tokens_per_s"] == pytest.approx(lv["output_tokens_per_s"], rel=0.10)
     client_tokens = sum(lv["output_tokens_per_s"] * lv["duration_s"] for lv in levels)
     assert client_tokens == pytest.approx(tokens_after - tokens_before, rel=0.10)
@@ -56,3 +57,18 @@ def test_failed_requests_are_counted_with_their_reason(server, tmp_path):
     assert all(reason.startswith("HTTP 400") for reason in level["errors"])
     failures = (tmp_path / "bad" / "level_001" / "locust_failures.csv").read_text()
     assert "HTTP 400" in failures
+
+
+def test_rewrite_scenario_reports_speculative_acceptance(tmp_path):
+    """The rewrite workload against a speculating server: acceptance from the server's counters,
+    and a time per output token below the chunk gaps' (chunks carry several tokens)."""
+    log = tmp_path / "server.log"
+    with ServerProcess(MODEL, "--dtype float32 --speculative ngram", log_path=log, startup_timeout_s=120) as s:
+        argv = ["--host", s.url, "--levels", "1", "--duration", "3", "--requests", "2", "--scenario", "rewrite",
+                "--api", "completions", "--output-tokens", "48", "--ignore-eos", "--out", str(tmp_path), "--name", "rw",
+                "--no-progress"]
+        assert sweep.main(argv) == 0
+    (level,) = json.loads((tmp_path / "rw" / "summary.json").read_text())["levels"]
+    assert level["num_errors"] == 0 and level["mean_output_tokens"] == 48
+    assert 0 < level["server_spec_acceptance"] <= 1
+    assert level["tpot_ms_p50"] < level["itl_ms_p50"]
