@@ -23,6 +23,7 @@ from dataclasses import asdict
 import torch
 
 from models.loader import LoadedModel, load_model
+from server.api.server_config import speculative_config_from_args
 from server.bench_baselines import run_hf_generate, run_naive, to_transformers
 from server.bench_results import BenchResult
 from server.config import EngineConfig
@@ -92,13 +93,14 @@ def run_engine(loaded: LoadedModel, prompts: list[list[int]], output_len: int, c
         engine.add_request(f"bench-{i}", prompt, params)
     decode_steps: dict[int, list[float]] = {}
     decode_contexts: dict[int, list[int]] = {}  # tokens of context the step's sequences attend to
-    start, num_out = time.perf_counter(), 0
+    start, num_out, drafted, accepted = time.perf_counter(), 0, 0, 0
     while engine.has_unfinished():
         context = sum(seq.num_computed_tokens + 1 for seq in engine.scheduler.running)
         step_start = time.perf_counter()
         _, stats = engine.step()
         _sync(loaded.device)
         num_out += stats.num_generation_tokens
+        drafted, accepted = drafted + stats.num_spec_draft_tokens, accepted + stats.num_spec_accepted_tokens
         if stats.batch_size and stats.num_batched_tokens == stats.batch_size:  # decode only
             decode_steps.setdefault(stats.batch_size, []).append(time.perf_counter() - step_start)
             decode_contexts.setdefault(stats.batch_size, []).append(context)
@@ -112,6 +114,8 @@ def run_engine(loaded: LoadedModel, prompts: list[list[int]], output_len: int, c
              "decode_context_tokens_median": {b: int(statistics.median(c)) for b, c in sorted(decode_contexts.items())},
              "preemptions": engine.scheduler.num_preemptions,
              "prefix_hit_tokens": engine.block_manager.num_prefix_hit_tokens}
+    if config.speculative is not None:
+        extra["spec_draft_tokens"], extra["spec_accepted_tokens"] = drafted, accepted
     name = "nanoserve" if grammar is None else "nanoserve + JSON schema"
     return BenchResult(name, len(prompts), len(prompts[0]), output_len, elapsed,
                        len(prompts) / elapsed, num_out / elapsed, (num_in + num_out) / elapsed, extra)
@@ -163,7 +167,8 @@ def run_bench(args) -> int:
     torch.manual_seed(0)
     prompts = make_prompts(args.num_prompts, args.input_len, loaded.tokenizer.vocab_size, args.scenario == "shared-prefix")
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                          num_kv_blocks=args.num_kv_blocks, enable_prefix_caching=args.enable_prefix_caching)
+                          num_kv_blocks=args.num_kv_blocks, enable_prefix_caching=args.enable_prefix_caching,
+                          speculative=speculative_config_from_args(args))
     peak = gemm_peak_gflops(loaded.dtype, loaded.device)
     read_gbps = read_bandwidth_gbps(loaded.device)
     hf_model = None

@@ -95,6 +95,9 @@ def _add_bench(sub) -> None:
     p.add_argument("--structured-output", choices=["none", "json"], default="none",
                    help="json: also run every request under a JSON schema (grammar mask cost, same prompts)")
     p.add_argument("--json", dest="json_path", default=None, help="write the results as JSON here")
+    from server.api.server_config import add_speculative_arguments
+
+    add_speculative_arguments(p)
     p.set_defaults(run=_run_bench)
 
 

@@ -12,7 +12,8 @@ import torch
 
 from models.loader import load_model
 from server.config import EngineConfig
-from server.engine.engine import Engine, merge_delta
+from server.engine.engine import Engine
+from server.engine.outputs import merge_delta
 from server.engine.sampling_params import GrammarSpec, SamplingParams
 from server.engine.speculative import SpeculativeConfig, accept_sampled, ngram_lookup
 from tests.test_engine import make_prompts
@@ -203,3 +204,28 @@ def test_ngram_lookup():
     assert ngram_lookup([1, 2, 3, 4, 9, 8, 3], 3, 1, 4) == [4, 9, 8]
     assert ngram_lookup([7, 7, 7, 7, 7, 7], 3, 1, 2) == [7, 7, 7]     # a run: the match with k tokens after it
     assert ngram_lookup([1, 2, 5, 1, 2, 6, 1, 2], 2, 2, 4) == [6, 1]  # the most recent match
+
+
+def test_lookahead_is_capped_and_never_preempts():
+    """The scheduler reserves at most max_tokens - output - 1 slots (a step emits drafts + 1),
+    and only from free blocks: short on memory, a decode gets its one token, nobody is preempted."""
+    from server.engine.kv_cache import BlockManager
+    from server.engine.scheduler import Scheduler
+    from server.engine.sequence import Sequence
+
+    def decode_step(sched, seqs):
+        for seq in seqs:
+            seq.append_token(9)
+        return {c.seq.seq_id: c.num_spec_slots for c in sched.schedule().chunks}
+
+    bm = BlockManager(num_blocks=4, block_size=4)
+    sched = Scheduler(bm, 8, 64, 64, num_speculative_tokens=4, speculative_max_batch=8)
+    short = Sequence(0, "a", [1, 2, 3], SamplingParams(temperature=0, max_tokens=3))
+    long = Sequence(1, "b", [1, 2, 3, 4, 5, 6, 7], SamplingParams(temperature=0, max_tokens=8))
+    sched.add(short), sched.add(long)
+    sched.update_after_step(sched.schedule())                     # prefill: 1 + 2 blocks
+    slots = decode_step(sched, [short, long])
+    assert slots[0] == 1                                          # max_tokens 3: one emitted, 1 draft + 1 left
+    assert slots[1] == 0 and sched.num_preemptions == 0           # 4 slots need a 4th block: only 1 is free
+    assert len(long.block_table) == 2 and len(short.block_table) == 2
+

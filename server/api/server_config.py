@@ -85,7 +85,11 @@ def add_speculative_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft-num-layers", type=int, default=_opt_int(_env("draft_num_layers", None)),
                    help="keep only the draft model's first N layers (a layer-truncated copy)")
     p.add_argument("--speculative-max-batch", type=int, default=int(_env("speculative_max_batch", 8)),
-                   help="speculate only while at most this many sequences decode")
+                   help="speculate only while at most this many sequences run")
+    p.add_argument("--ngram-min", type=int, default=int(_env("ngram_min", 1)),
+                   help="n-gram lookup: the shortest suffix that counts as a match")
+    p.add_argument("--ngram-max", type=int, default=int(_env("ngram_max", 4)),
+                   help="n-gram lookup: the longest suffix looked up")
 
 
 def speculative_config_from_args(args: argparse.Namespace):
@@ -95,7 +99,8 @@ def speculative_config_from_args(args: argparse.Namespace):
     if not args.speculative:
         return None
     return SpeculativeConfig.parse(args.speculative, num_tokens=args.num_speculative_tokens,
-                                   draft_num_layers=args.draft_num_layers, max_batch=args.speculative_max_batch)
+                                   draft_num_layers=args.draft_num_layers, max_batch=args.speculative_max_batch,
+                                   ngram_min=args.ngram_min, ngram_max=args.ngram_max)
 
 
 def _opt_int(value) -> int | None:

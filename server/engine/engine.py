@@ -21,36 +21,25 @@ from dataclasses import dataclass, field
 from models.detokenizer import IncrementalDetokenizer
 from models.loader import LoadedModel
 from server.config import EngineConfig
+from server.engine.choice_output import ChoiceOutput
 from server.engine.grammar import GrammarCompiler
 from server.engine.kv_cache import BlockManager
-from server.engine.outputs import ChoiceDelta, RequestStats, StepStats, TokenLogprobs
+from server.engine.outputs import ChoiceDelta, RequestStats, StepStats, TokenLogprobs, merge_delta
 from server.engine.runner import ModelRunner, StepResult
 from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler import Scheduler, SchedulerOutput
 from server.engine.sequence import FinishReason, Sequence
-from server.engine.speculative import DraftProposer, NgramProposer, load_draft_model
+from server.engine.speculative import DraftProposer, NgramProposer, count_speculation, load_draft_model
 from server.engine.stop_checker import StopChecker
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class _Choice:
-    """Per-sequence output state: text assembly and what has been handed out."""
-
-    seq: Sequence
-    index: int
-    detokenizer: IncrementalDetokenizer
-    stop_checker: StopChecker
-    prompt_logprobs: list[TokenLogprobs | None] | None = None
-    prompt_logprobs_sent: bool = False
-
-
-@dataclass
 class _Request:
     request_id: str
     arrival_time: float
-    choices: list[_Choice] = field(default_factory=list)
+    choices: list[ChoiceOutput] = field(default_factory=list)
     pending: list[Sequence] = field(default_factory=list)  # choices 1..n-1, queued once the prompt is cached
     first_token_time: float | None = None
     first_scheduled_time: float | None = None
@@ -78,10 +67,10 @@ class Engine:
         if spec is not None:
             self.proposer = NgramProposer(spec) if draft is None else DraftProposer(
                 spec, ModelRunner(draft, num_blocks, config.block_size, config.fast_kernels), self.runner.vocab_size)
-            log.info("speculative decoding: %s, while at most %d sequences decode", spec.describe(), spec.max_batch)
+            log.info("speculative decoding: %s, while at most %d sequences run", spec.describe(), spec.max_batch)
         self.stop_token_ids = set(self.tokenizer.stop_token_ids)
         self.requests: dict[str, _Request] = {}
-        self._choices: dict[int, _Choice] = {}  # seq_id -> choice
+        self._choices: dict[int, ChoiceOutput] = {}  # seq_id -> choice
         self._seq_ids = itertools.count()
         self._aborted: list[ChoiceDelta] = []
         self._retired: list[RequestStats] = []  # stats of requests retired outside step() (aborts)
@@ -123,8 +112,8 @@ class Engine:
                 self.scheduler.add(seq)  # every choice passes the same check: all or none queued
             else:
                 request.pending.append(seq)
-            choice = _Choice(seq, index, IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens),
-                             StopChecker(params.stop))
+            choice = ChoiceOutput(seq, index, IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens),
+                                  StopChecker(params.stop))
             if params.prompt_logprobs is not None:
                 choice.prompt_logprobs = [None] * len(prompt_token_ids)
             request.choices.append(choice)
@@ -139,7 +128,7 @@ class Engine:
             self.scheduler.finish(seq, FinishReason.ABORT)
         for seq in self.scheduler.abort(request_id) + pending:
             choice = self._choices[seq.seq_id]
-            self._aborted.append(self._delta(choice, [], "", None))
+            self._aborted.append(choice.delta([], "", None))
         if request:
             request.pending = []
         if request_id in self.requests and all(c.seq.is_finished for c in self.requests[request_id].choices):
@@ -200,7 +189,7 @@ class Engine:
                     for sampled in result.sampled]
         self.scheduler.update_after_step(output)  # after the append: accepted drafts are hashed into blocks
         self._fork_pending_choices(output)
-        self._count_speculation(output, stats)
+        count_speculation(output.chunks, stats)
         deltas = [self._finish_or_continue(*outcome, now) for outcome in outcomes]
         deltas += self._finish_prompt_only(now)
         for request_id in {d.request_id for d in deltas if d.finished}:
@@ -215,26 +204,10 @@ class Engine:
         stop (accepted drafts past EOS, a stop string or max_tokens) are dropped."""
         choice = self._choices[seq.seq_id]
         assert not seq.is_finished, "aborts are applied between steps, never during one"
-        self._record_token_time(seq, now, stats, len(token_ids))
-        text, reason, kept = "", None, 0
-        for token_id in token_ids:
-            seq.append_token(token_id)
-            if seq.grammar is not None:
-                seq.grammar.consume_token(token_id)
-            piece, reason = self._check_stop(choice, token_id)
-            text, kept = text + piece, kept + 1
-            if reason is not None:
-                break
+        kept, text, reason = choice.append(token_ids, self.stop_token_ids, self.max_model_len)
         stats.num_generation_tokens += kept
+        self._record_token_time(seq, now, stats, kept)
         return choice, token_ids[:kept], text, None if logprobs is None else logprobs[:kept], reason
-
-    @staticmethod
-    def _count_speculation(output: SchedulerOutput, stats: StepStats) -> None:
-        for chunk in output.chunks:
-            if chunk.draft_token_ids:
-                stats.num_spec_drafts += 1
-                stats.num_spec_draft_tokens += len(chunk.draft_token_ids)
-                stats.num_spec_accepted_tokens += chunk.num_accepted
 
     def _finish_prompt_only(self, now: float) -> list[ChoiceDelta]:
         """max_tokens == 0 (echo scoring, or a 1-token prompt, or no prompt_logprobs at all):
@@ -245,43 +218,14 @@ class Engine:
                 deltas.append(self._finish_or_continue(self._choices[seq.seq_id], [], "", None, FinishReason.LENGTH, now))
         return deltas
 
-    def _check_stop(self, choice: _Choice, token_id: int) -> tuple[str, FinishReason | None]:
-        seq, params = choice.seq, choice.seq.params
-        can_stop = seq.num_output_tokens >= params.min_tokens
-        text, stopped = choice.stop_checker.process(choice.detokenizer.add(token_id), can_stop)
-        if stopped:
-            return text, FinishReason.STOP
-        grammar_done = seq.grammar is not None and (seq.grammar.is_stopped() or seq.grammar.is_error())
-        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.stop_token_ids)
-        if grammar_done or (token_id in stop_ids and can_stop):
-            reason = FinishReason.STOP
-        elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
-            reason = FinishReason.LENGTH
-        else:
-            return text, None
-        tail, stopped = choice.stop_checker.process(choice.detokenizer.flush())
-        return text + tail + ("" if stopped else choice.stop_checker.flush()), reason
-
-    def _finish_or_continue(self, choice: _Choice, token_ids: list[int], text: str,
+    def _finish_or_continue(self, choice: ChoiceOutput, token_ids: list[int], text: str,
                             logprobs: list[TokenLogprobs] | None, reason: FinishReason | None,
                             now: float) -> ChoiceDelta:
         if reason is not None:
             self.scheduler.finish(choice.seq, reason)
             choice.seq.finished_time = now
             self._release(choice.seq.seq_id)
-        return self._delta(choice, token_ids, text, logprobs)
-
-    def _delta(self, choice: _Choice, token_ids: list[int], text: str,
-               logprobs: list[TokenLogprobs] | None) -> ChoiceDelta:
-        seq = choice.seq
-        delta = ChoiceDelta(seq.request_id, choice.index, token_ids, text, logprobs,
-                            finish_reason=seq.finish_reason.value if seq.finish_reason else None,
-                            num_prompt_tokens=seq.num_prompt_tokens, num_output_tokens=seq.num_output_tokens,
-                            num_cached_tokens=seq.num_cached_tokens)
-        prompt_done = seq.num_computed_tokens >= seq.num_prompt_tokens or seq.is_finished
-        if choice.prompt_logprobs is not None and prompt_done and not choice.prompt_logprobs_sent:
-            delta.prompt_logprobs, choice.prompt_logprobs_sent = choice.prompt_logprobs, True
-        return delta
+        return choice.delta(token_ids, text, logprobs)
 
     # ---- stats --------------------------------------------------------------------------------
 
@@ -343,23 +287,6 @@ class Engine:
             for d in deltas:
                 merge_delta(merged, d)
         return [[merged[(rid, i)] for i in range(p.n)] for rid, p in zip(ids, params_list)]
-
-
-def merge_delta(merged: dict[tuple[str, int], ChoiceDelta], delta: ChoiceDelta) -> None:
-    """Accumulate one step's delta into the running total of its choice."""
-    key = (delta.request_id, delta.index)
-    if key not in merged:
-        merged[key] = ChoiceDelta(delta.request_id, delta.index, [], "", None if delta.logprobs is None else [])
-    total = merged[key]
-    total.token_ids += delta.token_ids
-    total.text += delta.text
-    if delta.logprobs is not None:
-        total.logprobs = (total.logprobs or []) + delta.logprobs
-    if delta.prompt_logprobs is not None:
-        total.prompt_logprobs = delta.prompt_logprobs
-    total.finish_reason = delta.finish_reason
-    total.num_prompt_tokens, total.num_output_tokens = delta.num_prompt_tokens, delta.num_output_tokens
-    total.num_cached_tokens = delta.num_cached_tokens
 
 
 def _copy(params: SamplingParams) -> SamplingParams:

@@ -62,3 +62,20 @@ class StepStats:
     time_to_first_tokens: list[float] = field(default_factory=list)
     inter_token_latencies: list[float] = field(default_factory=list)
     finished: list[RequestStats] = field(default_factory=list)
+
+
+def merge_delta(merged: dict[tuple[str, int], ChoiceDelta], delta: ChoiceDelta) -> None:
+    """Accumulate one step's delta into the running total of its choice."""
+    key = (delta.request_id, delta.index)
+    if key not in merged:
+        merged[key] = ChoiceDelta(delta.request_id, delta.index, [], "", None if delta.logprobs is None else [])
+    total = merged[key]
+    total.token_ids += delta.token_ids
+    total.text += delta.text
+    if delta.logprobs is not None:
+        total.logprobs = (total.logprobs or []) + delta.logprobs
+    if delta.prompt_logprobs is not None:
+        total.prompt_logprobs = delta.prompt_logprobs
+    total.finish_reason = delta.finish_reason
+    total.num_prompt_tokens, total.num_output_tokens = delta.num_prompt_tokens, delta.num_output_tokens
+    total.num_cached_tokens = delta.num_cached_tokens

@@ -209,7 +209,7 @@ class Scheduler:
     #
     # 1. Decodes: every running sequence with exactly one uncomputed token (the token sampled
     #    last step) gets that token, so streaming requests advance every step. With speculative
-    #    decoding, while the decodes are at most `speculative_max_batch`, each one that may
+    #    decoding, while at most `speculative_max_batch` sequences run, each decode that may
     #    speculate also reserves K lookahead slots, if the blocks for them are free (speculation
     #    never preempts anyone: short on memory, it backs off to a plain decode).
     # 2. Prefill continuation: running sequences still working through their prompt (chunked
@@ -234,7 +234,7 @@ class Scheduler:
 
         # Phase 1: decodes, one token each (plus lookahead slots when speculating).
         decodes = [s for s in self.running if s.num_uncomputed_tokens == 1]
-        speculate = 0 < len(decodes) <= self.speculative_max_batch and self.num_speculative_tokens > 0
+        speculate = len(self.running) <= self.speculative_max_batch and self.num_speculative_tokens > 0
         for seq in decodes:
             if step.token_budget == 0:
                 break

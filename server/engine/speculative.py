@@ -1,7 +1,7 @@
 """Speculative decoding: guess K next tokens cheaply, check them all in one target forward.
 
-    schedule   a decode reserves K lookahead slots (blocks + token budget), unless the batch
-               has more than `max_batch` decodes, the request opted out, or memory is short
+    schedule   a decode reserves K lookahead slots (blocks + token budget), unless more than
+               `max_batch` sequences run, the request opted out, or memory is short
     propose    fill the slots: n-gram lookup in the sequence's own tokens, or a draft model
     verify     one target forward over [last token, d1 .. dK] (K+1 positions, paged KV); keep
                the longest run of drafts the target agrees with, plus one token of its own
@@ -38,8 +38,8 @@ class SpeculativeConfig:
     num_tokens: int = 4                # K: draft tokens verified per step
     draft_model: str | None = None     # model spec of the draft ("draft" only)
     draft_num_layers: int | None = None  # keep only the draft's first layers (a layer-truncated copy)
-    max_batch: int = 8                 # speculate only while the step has at most this many decodes
-    ngram_min: int = 2                 # shortest suffix that counts as a match
+    max_batch: int = 8                 # speculate only while at most this many sequences run
+    ngram_min: int = 1                 # shortest suffix that counts as a match
     ngram_max: int = 4                 # longest suffix looked up
 
     def __post_init__(self) -> None:
@@ -221,6 +221,15 @@ def load_draft_model(config: SpeculativeConfig, target):
 
 
 # ---- verification ------------------------------------------------------------------------------
+
+
+def count_speculation(chunks: list[ScheduledChunk], stats) -> None:
+    """Add a step's verifications, draft tokens and accepted drafts to its StepStats."""
+    for chunk in chunks:
+        if chunk.draft_token_ids:
+            stats.num_spec_drafts += 1
+            stats.num_spec_draft_tokens += len(chunk.draft_token_ids)
+            stats.num_spec_accepted_tokens += chunk.num_accepted
 
 
 def accept_greedy(target_ids: list[int], drafts: list[int]) -> int:

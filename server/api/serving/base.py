@@ -23,7 +23,7 @@ from server.api.tool_format import hermes_messages
 from server.api.tool_protocol import ToolDefinition
 from server.api.responses import Usage
 from server.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError, RequestStream
-from server.engine.engine import merge_delta
+from server.engine.outputs import merge_delta
 from server.engine.grammar import InvalidGrammar
 from server.engine.outputs import ChoiceDelta
 from server.engine.sampling_params import SamplingParams
