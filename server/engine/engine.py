@@ -76,9 +76,9 @@ class Engine:
         self._retired: list[RequestStats] = []  # stats of requests retired outside step() (aborts)
         self.vocab_size = loaded.model.lm_head.out_features
         self._prefix_counts = (0, 0)
-        log.info("KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB)", num_blocks, config.block_size,
-                 num_blocks * config.block_size,
-                 num_blocks * loaded.model.kv_cache_spec.bytes_per_block(config.block_size, loaded.dtype) / 2**30)
+        block_bytes = loaded.model.kv_cache_spec.bytes_per_block(config.block_size, loaded.dtype) + draft_block_bytes
+        log.info("KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB%s)", num_blocks, config.block_size,
+                 num_blocks * config.block_size, num_blocks * block_bytes / 2**30, ", draft model's pool included" * bool(draft))
 
     # ---- requests -----------------------------------------------------------------------------
 
