@@ -229,3 +229,31 @@ def test_lookahead_is_capped_and_never_preempts():
     assert slots[1] == 0 and sched.num_preemptions == 0           # 4 slots need a 4th block: only 1 is free
     assert len(long.block_table) == 2 and len(short.block_table) == 2
 
+
+
+def test_draft_budget_adapts_and_pauses():
+    """A sequence whose drafts keep failing drops to no drafts for PAUSE_TOKENS tokens, then
+    probes with one; one whose drafts all pass climbs back to K."""
+    from server.engine.outputs import StepStats
+    from server.engine.scheduler import ScheduledChunk
+    from server.engine.sequence import Sequence
+    from server.engine.speculative import PAUSE_TOKENS, after_verification
+
+    seq = Sequence(0, "a", [1, 2, 3], greedy(100))
+    seq.num_computed_tokens = 2
+    stats = StepStats(0, 0, 0.0)
+    budgets = []
+    for accepted in (0, 0, 0, 0):
+        chunk = ScheduledChunk(seq, 1, num_spec_slots=4)
+        chunk.set_drafts([7] * (seq.spec_budget or 4))
+        chunk.num_accepted = accepted
+        after_verification([chunk], stats, max_drafts=4)
+        budgets.append(seq.spec_budget)
+    assert budgets == [3, 2, 1, 0] and seq.spec_resume_at == seq.num_output_tokens + PAUSE_TOKENS
+    assert (stats.num_spec_drafts, stats.num_spec_draft_tokens, stats.num_spec_accepted_tokens) == (4, 10, 0)
+    for _ in range(3):  # probing with one draft that passes: back up towards K
+        chunk = ScheduledChunk(seq, 1, num_spec_slots=4)
+        chunk.set_drafts([7] * max(seq.spec_budget, 1))
+        chunk.num_accepted = len(chunk.draft_token_ids)
+        after_verification([chunk], stats, max_drafts=4)
+    assert seq.spec_budget == 4

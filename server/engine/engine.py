@@ -29,7 +29,7 @@ from server.engine.runner import ModelRunner, StepResult
 from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler import Scheduler, SchedulerOutput
 from server.engine.sequence import FinishReason, Sequence
-from server.engine.speculative import DraftProposer, NgramProposer, count_speculation, load_draft_model
+from server.engine.speculative import DraftProposer, NgramProposer, after_verification, load_draft_model
 from server.engine.stop_checker import StopChecker
 
 log = logging.getLogger(__name__)
@@ -189,7 +189,7 @@ class Engine:
                     for sampled in result.sampled]
         self.scheduler.update_after_step(output)  # after the append: accepted drafts are hashed into blocks
         self._fork_pending_choices(output)
-        count_speculation(output.chunks, stats)
+        after_verification(output.chunks, stats, self.scheduler.num_speculative_tokens)
         deltas = [self._finish_or_continue(*outcome, now) for outcome in outcomes]
         deltas += self._finish_prompt_only(now)
         for request_id in {d.request_id for d in deltas if d.finished}:

@@ -262,11 +262,15 @@ class Scheduler:
         return self._close_step(step)
 
     def _num_lookahead_slots(self, seq: Sequence, step: _Step) -> int:
-        """Draft tokens a decode may verify this step: K, capped so that the step can never emit
-        past max_tokens or the context (it emits at most the drafts plus one token)."""
+        """Draft tokens a decode may verify this step: its adaptive budget (K at first; see
+        speculative.after_verification), capped so that the step can never emit past
+        max_tokens or the context (it emits at most the drafts plus one token)."""
         if not seq.params.speculative or (seq.params.seed is not None and not seq.params.greedy):
             return 0  # opted out; seeded sampling keeps its tokens independent of batch size
-        slots = min(self.num_speculative_tokens, step.token_budget - 1, self.max_model_len - seq.num_tokens)
+        if seq.spec_budget == 0 and seq.num_output_tokens < seq.spec_resume_at:
+            return 0  # its drafts kept failing: paused for a while
+        budget = self.num_speculative_tokens if seq.spec_budget is None else max(seq.spec_budget, 1)
+        slots = min(budget, step.token_budget - 1, self.max_model_len - seq.num_tokens)
         if seq.params.max_tokens is not None:
             slots = min(slots, seq.params.max_tokens - seq.num_output_tokens - 1)
         return max(slots, 0)

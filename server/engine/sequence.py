@@ -60,6 +60,8 @@ class Sequence:
         self.finish_reason: FinishReason | None = None
         self.num_preemptions = 0
         self.grammar = None  # llguidance matcher when params.grammar is set (advanced per token)
+        self.spec_budget: int | None = None  # draft tokens to propose next (speculation adapts it); None: K
+        self.spec_resume_at = 0              # budget 0: no drafts until this many output tokens
         # Timestamps for metrics, written by the engine.
         self.arrival_time = arrival_time
         self.first_token_time: float | None = None

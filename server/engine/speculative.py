@@ -31,6 +31,8 @@ from server.engine.scheduler import ScheduledChunk
 
 log = logging.getLogger(__name__)
 
+PAUSE_TOKENS = 16  # a sequence whose draft budget fell to zero decodes this many tokens plainly
+
 
 @dataclass
 class SpeculativeConfig:
@@ -223,13 +225,25 @@ def load_draft_model(config: SpeculativeConfig, target):
 # ---- verification ------------------------------------------------------------------------------
 
 
-def count_speculation(chunks: list[ScheduledChunk], stats) -> None:
-    """Add a step's verifications, draft tokens and accepted drafts to its StepStats."""
+def after_verification(chunks: list[ScheduledChunk], stats, max_drafts: int) -> None:
+    """Count a step's verifications in its StepStats and adapt each sequence's draft budget.
+
+    One more draft after a step that kept them all (up to K), one fewer after a rejection; at
+    zero the sequence stops speculating for PAUSE_TOKENS output tokens, then tries one draft
+    again. Rows cost little at batch 1 but a full step at batch 8, so a sequence whose drafts
+    keep failing (text that does not repeat itself) must stop paying for them.
+    """
     for chunk in chunks:
-        if chunk.draft_token_ids:
-            stats.num_spec_drafts += 1
-            stats.num_spec_draft_tokens += len(chunk.draft_token_ids)
-            stats.num_spec_accepted_tokens += chunk.num_accepted
+        drafts, seq = len(chunk.draft_token_ids), chunk.seq
+        if not drafts:
+            continue
+        stats.num_spec_drafts += 1
+        stats.num_spec_draft_tokens += drafts
+        stats.num_spec_accepted_tokens += chunk.num_accepted
+        budget = max_drafts if seq.spec_budget is None else max(seq.spec_budget, 1)
+        seq.spec_budget = min(max_drafts, budget + 1) if chunk.num_accepted == drafts else budget - 1
+        if seq.spec_budget == 0:
+            seq.spec_resume_at = seq.num_output_tokens + PAUSE_TOKENS
 
 
 def accept_greedy(target_ids: list[int], drafts: list[int]) -> int:
