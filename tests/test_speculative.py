@@ -257,3 +257,22 @@ def test_draft_budget_adapts_and_pauses():
         chunk.num_accepted = len(chunk.draft_token_ids)
         after_verification([chunk], stats, max_drafts=4)
     assert seq.spec_budget == 4
+
+
+def test_a_lone_sequence_with_free_drafts_keeps_k():
+    """Paused (budget 0) a sequence gets no slots, unless it runs alone with the n-gram
+    proposer, whose failed drafts cost nothing to make and little to verify."""
+    from server.engine.kv_cache import BlockManager
+    from server.engine.scheduler import Scheduler
+    from server.engine.sequence import Sequence
+
+    for free, expected in ((False, 0), (True, 4)):
+        sched = Scheduler(BlockManager(16, 4), 8, 64, 64, num_speculative_tokens=4, speculative_max_batch=8,
+                          free_drafts=free)
+        seq = Sequence(0, "a", [1, 2, 3], greedy(30))
+        sched.add(seq)
+        sched.update_after_step(sched.schedule())
+        seq.append_token(9)
+        seq.spec_budget, seq.spec_resume_at = 0, 20
+        (chunk,) = sched.schedule().chunks
+        assert chunk.num_spec_slots == expected

@@ -60,7 +60,8 @@ class Engine:
         self.max_model_len = min(max_model_len, num_blocks * config.block_size)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
-                                   self.max_model_len, spec.num_tokens if spec else 0, spec.max_batch if spec else 0)
+                                   self.max_model_len, spec.num_tokens if spec else 0, spec.max_batch if spec else 0,
+                                   free_drafts=spec is not None and spec.method == "ngram")
         self.grammars = GrammarCompiler(self.tokenizer)
         self.runner = ModelRunner(loaded, num_blocks, config.block_size, config.fast_kernels, self.grammars)
         self.proposer = None

@@ -88,12 +88,14 @@ class Scheduler:
         max_model_len: int,
         num_speculative_tokens: int = 0,
         speculative_max_batch: int = 0,
+        free_drafts: bool = False,
     ) -> None:
         assert max_num_seqs >= 1 and max_num_batched_tokens >= 1 and max_model_len >= 1
         assert num_speculative_tokens >= 0
         self.block_manager = block_manager
         self.num_speculative_tokens = num_speculative_tokens  # K: lookahead slots per decode, 0 = off
-        self.speculative_max_batch = speculative_max_batch    # more decodes than this: no lookahead
+        self.speculative_max_batch = speculative_max_batch    # more running than this: no lookahead
+        self.free_drafts = free_drafts                        # proposals cost nothing (n-gram lookup)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
@@ -264,12 +266,16 @@ class Scheduler:
     def _num_lookahead_slots(self, seq: Sequence, step: _Step) -> int:
         """Draft tokens a decode may verify this step: its adaptive budget (K at first; see
         speculative.after_verification), capped so that the step can never emit past
-        max_tokens or the context (it emits at most the drafts plus one token)."""
+        max_tokens or the context (it emits at most the drafts plus one token). A lone
+        sequence with a free proposer (n-gram) always gets K: its extra rows cost the step
+        little, and a draft that fails costs nothing to make."""
         if not seq.params.speculative or (seq.params.seed is not None and not seq.params.greedy):
             return 0  # opted out; seeded sampling keeps its tokens independent of batch size
-        if seq.spec_budget == 0 and seq.num_output_tokens < seq.spec_resume_at:
-            return 0  # its drafts kept failing: paused for a while
-        budget = self.num_speculative_tokens if seq.spec_budget is None else max(seq.spec_budget, 1)
+        budget = self.num_speculative_tokens
+        if seq.spec_budget is not None and not (self.free_drafts and len(self.running) == 1):
+            if seq.spec_budget == 0 and seq.num_output_tokens < seq.spec_resume_at:
+                return 0  # its drafts kept failing: paused for a while
+            budget = max(seq.spec_budget, 1)
         slots = min(budget, step.token_budget - 1, self.max_model_len - seq.num_tokens)
         if seq.params.max_tokens is not None:
             slots = min(slots, seq.params.max_tokens - seq.num_output_tokens - 1)
