@@ -6,7 +6,8 @@ import random
 import pytest
 
 from server.engine.kv_cache import BlockManager
-from server.engine.scheduler import RequestRejected, Scheduler, SchedulerOutput
+from server.engine.scheduler import RequestRejected, Scheduler
+from server.engine.step_plan import SchedulerOutput
 from server.engine.sequence import FinishReason, Sequence, SequenceStatus
 from tests.test_kv_cache import check_pool, make_seq
 

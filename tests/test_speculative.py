@@ -235,7 +235,7 @@ def test_draft_budget_adapts_and_pauses():
     """A sequence whose drafts keep failing drops to no drafts for PAUSE_TOKENS tokens, then
     probes with one; one whose drafts all pass climbs back to K."""
     from server.engine.outputs import StepStats
-    from server.engine.scheduler import ScheduledChunk
+    from server.engine.step_plan import ScheduledChunk
     from server.engine.sequence import Sequence
     from server.engine.speculative import PAUSE_TOKENS, after_verification
 

@@ -27,7 +27,8 @@ from server.engine.kv_cache import BlockManager
 from server.engine.outputs import ChoiceDelta, RequestStats, StepStats, TokenLogprobs, merge_delta
 from server.engine.runner import ModelRunner, StepResult
 from server.engine.sampling_params import SamplingParams
-from server.engine.scheduler import Scheduler, SchedulerOutput
+from server.engine.scheduler import Scheduler
+from server.engine.step_plan import SchedulerOutput
 from server.engine.sequence import FinishReason, Sequence
 from server.engine.speculative import DraftProposer, NgramProposer, after_verification, load_draft_model
 from server.engine.stop_checker import StopChecker

@@ -27,7 +27,7 @@ from models.fused_attention import decode_kernel, describe_decode_path
 from models.loader import LoadedModel
 from server.engine.grammar import GrammarCompiler
 from server.engine.sampler import Sampler, SamplingRow, needs_mask_first, prompt_logprobs, target_probs, token_logprobs
-from server.engine.scheduler import ScheduledChunk, SchedulerOutput
+from server.engine.step_plan import ScheduledChunk, SchedulerOutput
 from server.engine.sequence import Sequence
 from server.engine.speculative import accept_greedy, accept_sampled
 

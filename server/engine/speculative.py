@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from server.engine.scheduler import ScheduledChunk
+from server.engine.step_plan import ScheduledChunk
 
 log = logging.getLogger(__name__)
 
