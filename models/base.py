@@ -17,15 +17,33 @@ from models.attention import AttentionMetadata, KVCache, build_attention_metadat
 
 @dataclass(frozen=True)
 class KVCacheSpec:
-    """Shape of the K/V a model stores per token: one (KVH, D) key and value per layer."""
+    """What a model stores per token and layer: `num_pools` tensors of (KVH, D) each.
+
+    MHA/GQA keep a key pool and a value pool (num_pools 2). MLA keeps one pool of latents,
+    (1, kv_lora_rank + rope_dim) per token, from which keys and values are both derived.
+    """
 
     num_layers: int
     num_kv_heads: int
     head_dim: int
+    num_pools: int = 2
 
     def bytes_per_block(self, block_size: int, dtype: torch.dtype) -> int:
         itemsize = torch.empty((), dtype=dtype).element_size()
-        return 2 * self.num_layers * block_size * self.num_kv_heads * self.head_dim * itemsize
+        return self.num_pools * self.num_layers * block_size * self.num_kv_heads * self.head_dim * itemsize
+
+    def allocate(self, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> list[KVCache]:
+        """Zeroed pools, one tuple of `num_pools` (NB, BS, KVH, D) tensors per layer."""
+        shape = (num_blocks, block_size, self.num_kv_heads, self.head_dim)
+        return [tuple(torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.num_pools))
+                for _ in range(self.num_layers)]
+
+    def describe(self, dtype: torch.dtype) -> str:
+        """The per-token formula a learner can check, e.g. `2 (K,V) x 12 layers x 12 heads x 64 x 2 B`."""
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        what = "K,V" if self.num_pools == 2 else "latent"
+        return (f"{self.bytes_per_block(1, dtype)} bytes/token = {self.num_pools} ({what}) x {self.num_layers} layers"
+                f" x {self.num_kv_heads} heads x {self.head_dim} x {itemsize} B")
 
 
 class CausalLM(nn.Module):

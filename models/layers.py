@@ -117,21 +117,36 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
     return torch.where(is_medium, blended, out)
 
 
+def yarn_get_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature, 0.1 * mscale * ln(factor) + 1 (1 when not extending)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
 def _yarn_inv_freq(head_dim: int, theta: float, s: dict) -> tuple[torch.Tensor, float]:
-    """YaRN: interpolate low frequencies, extrapolate high ones, scale attention by mscale."""
+    """YaRN: interpolate low frequencies, extrapolate high ones, scale attention by mscale.
+
+    DeepSeek configs give `mscale` and `mscale_all_dim`: the rotary tables are scaled by their
+    ratio here, and the softmax scale by mscale(mscale_all_dim)^2 in the attention (models/mla.py).
+    """
     factor = s["factor"]
     old_len = s.get("original_max_position_embeddings", 4096)
-    beta_fast, beta_slow = s.get("beta_fast", 32), s.get("beta_slow", 1)
-    attention_factor = s.get("attention_factor") or (0.1 * math.log(factor) + 1.0)
+    beta_fast, beta_slow = s.get("beta_fast") or 32, s.get("beta_slow") or 1
+    attention_factor = s.get("attention_factor")
+    if attention_factor is None:
+        mscale, mscale_all_dim = s.get("mscale"), s.get("mscale_all_dim")
+        attention_factor = (yarn_get_mscale(factor, mscale) / yarn_get_mscale(factor, mscale_all_dim)
+                            if mscale and mscale_all_dim else yarn_get_mscale(factor))
 
     def correction_dim(num_rotations: float) -> float:
         return head_dim * math.log(old_len / (num_rotations * 2 * math.pi)) / (2 * math.log(theta))
 
-    low = max(math.floor(correction_dim(beta_fast)), 0)
-    high = min(math.ceil(correction_dim(beta_slow)), head_dim - 1)
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if s.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
     pos_freqs = theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim)
     extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
-    ramp = (torch.arange(head_dim // 2, dtype=torch.float32, device="cpu") - low) / max(high - low, 1e-3)
+    ramp = (torch.arange(head_dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low if high != low else 1e-3)
     extrapolation_weight = 1 - ramp.clamp(0, 1)
     inv_freq = interpolation * (1 - extrapolation_weight) + extrapolation * extrapolation_weight
     return inv_freq, attention_factor

@@ -1,13 +1,15 @@
 """`random:<preset>`: real architectures' shapes with seeded random weights, for speed work.
 
-GPT-2 presets use the GPT-2 tokenizer, Qwen presets the real Qwen vocabulary; the tiny presets
-are small enough for tests and keep those vocabularies.
+GPT-2 presets use the GPT-2 tokenizer, Qwen presets the real Qwen vocabulary, and so do the
+DeepSeek presets (no DeepSeek tokenizer ships in a registry package); the tiny presets are small
+enough for tests and keep those vocabularies.
 """
 from __future__ import annotations
 
 import torch
 
 from models.base import CausalLM
+from models.deepseek import DEEPSEEK_PRESETS, DeepseekConfig, DeepseekModel
 from models.gpt2 import GPT2, GPT2_PRESETS, GPT2Config
 from models.qwen import QWEN_PRESETS, QwenConfig, QwenModel
 
@@ -18,11 +20,27 @@ TINY_PRESETS = {
     "tiny-qwen3": ("qwen", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                 num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                                 max_position_embeddings=4096, qkv_bias=False, qk_norm=True)),
+    "tiny-qwen3-moe": ("qwen", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                    max_position_embeddings=4096, qkv_bias=False, qk_norm=True,
+                                    num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32)),
+    "tiny-deepseek-v2": ("deepseek", dict(vocab_size=151936, hidden_size=64, intermediate_size=128,
+                                          moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                          kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16,
+                                          v_head_dim=16, n_routed_experts=8, n_shared_experts=1,
+                                          num_experts_per_tok=2, first_k_dense_replace=1)),
+    "tiny-deepseek-v3": ("deepseek", dict(vocab_size=151936, hidden_size=64, intermediate_size=128,
+                                          moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                          q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=16,
+                                          qk_rope_head_dim=16, v_head_dim=16, n_routed_experts=8,
+                                          n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1,
+                                          scoring_func="sigmoid", topk_method="noaux_tc", n_group=2,
+                                          topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5)),
 }
 
 
 def preset_names() -> list[str]:
-    return sorted([*GPT2_PRESETS, *QWEN_PRESETS, *TINY_PRESETS])
+    return sorted([*GPT2_PRESETS, *QWEN_PRESETS, *DEEPSEEK_PRESETS, *TINY_PRESETS])
 
 
 def random_model(name: str, seed: int = 0) -> tuple[CausalLM, "Tokenizer", int]:
@@ -34,6 +52,9 @@ def random_model(name: str, seed: int = 0) -> tuple[CausalLM, "Tokenizer", int]:
     if family == "gpt2":
         config = GPT2Config(**shape)
         model, tokenizer, max_len = GPT2(config), gpt2_tokenizer(), config.n_positions
+    elif family == "deepseek":
+        config = DeepseekConfig(**shape)
+        model, tokenizer, max_len = DeepseekModel(config), qwen_tokenizer(), config.max_position_embeddings
     else:
         config = QwenConfig(**shape)
         model, max_len = QwenModel(config), config.max_position_embeddings
@@ -47,6 +68,8 @@ def _lookup(name: str) -> tuple[str, dict]:
         return "gpt2", GPT2_PRESETS[name]
     if name in QWEN_PRESETS:
         return "qwen", QWEN_PRESETS[name]
+    if name in DEEPSEEK_PRESETS:
+        return "deepseek", DEEPSEEK_PRESETS[name]
     if name in TINY_PRESETS:
         return TINY_PRESETS[name]
     raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(preset_names())}")

@@ -2,7 +2,8 @@
 
 The families differ in three switches on one config: QKV bias (Qwen2/2.5), q/k RMSNorm per head
 (Qwen3), and nothing at all (Llama, SmolLM2). All use RoPE, RMSNorm, SwiGLU and grouped-query
-attention. Names mirror the HF checkpoints (`model.layers.0.self_attn.o_proj`) except two fused
+attention. Qwen3-MoE is Qwen3 with routed experts (models/moe.py) in place of the dense SwiGLU
+in every `decoder_sparse_step`-th layer not listed in `mlp_only_layers`. Names mirror the HF checkpoints (`model.layers.0.self_attn.o_proj`) except two fused
 projections, made at load time: `qkv_proj` = [q; k; v] and `gate_up_proj` = [gate; up].
 
 Legend: N tokens in the packed batch, C channels, H query heads, KVH KV heads, D head dim,
@@ -18,6 +19,7 @@ import torch.nn as nn
 from models.attention import AttentionMetadata, paged_attention
 from models.base import CausalLM, KVCacheSpec
 from models.layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rotary
+from models.moe import MoEConfig, SparseMoE
 
 
 @dataclass
@@ -37,6 +39,12 @@ class QwenConfig:
     qkv_bias: bool = True             # Qwen2/2.5: bias on q, k, v only
     o_bias: bool = False              # Llama `attention_bias` puts a bias on o_proj too
     qk_norm: bool = False             # Qwen3: RMSNorm over each head of q and k before RoPE
+    num_experts: int = 0              # Qwen3-MoE: routed experts (0: dense)
+    num_experts_per_tok: int = 8
+    moe_intermediate_size: int = 768
+    norm_topk_prob: bool = True
+    decoder_sparse_step: int = 1
+    mlp_only_layers: list[int] = field(default_factory=list)
     extra: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -44,11 +52,26 @@ class QwenConfig:
             self.head_dim = self.hidden_size // self.num_attention_heads
         assert self.num_attention_heads % self.num_key_value_heads == 0, "heads must group evenly"
 
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        return (self.num_experts > 0 and layer_idx not in self.mlp_only_layers
+                and (layer_idx + 1) % self.decoder_sparse_step == 0)
+
+    def moe_config(self) -> MoEConfig:
+        return MoEConfig(num_experts=self.num_experts, top_k=self.num_experts_per_tok,
+                         intermediate_size=self.moe_intermediate_size, norm_topk_prob=self.norm_topk_prob)
+
     @classmethod
     def from_hf(cls, hf: dict) -> "QwenConfig":
-        """Read an HF config.json dict of model_type qwen2, qwen3 or llama."""
+        """Read an HF config.json dict of model_type qwen2, qwen3, qwen3_moe or llama."""
         model_type = hf["model_type"]
         attention_bias = hf.get("attention_bias", False)
+        moe = {}
+        if model_type == "qwen3_moe":
+            moe = dict(num_experts=hf.get("num_experts") or hf["num_local_experts"], num_experts_per_tok=hf["num_experts_per_tok"],
+                       moe_intermediate_size=hf["moe_intermediate_size"],
+                       norm_topk_prob=hf.get("norm_topk_prob", False),
+                       decoder_sparse_step=hf.get("decoder_sparse_step", 1),
+                       mlp_only_layers=list(hf.get("mlp_only_layers") or []))
         return cls(
             vocab_size=hf["vocab_size"],
             hidden_size=hf["hidden_size"],
@@ -64,7 +87,8 @@ class QwenConfig:
             tie_word_embeddings=hf.get("tie_word_embeddings", False),
             qkv_bias=True if model_type == "qwen2" else attention_bias,
             o_bias=False if model_type == "qwen2" else attention_bias,
-            qk_norm=model_type == "qwen3",
+            qk_norm=model_type in ("qwen3", "qwen3_moe"),
+            **moe,
         )
 
 
@@ -84,6 +108,12 @@ QWEN_PRESETS: dict[str, dict] = {
         hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
         num_key_value_heads=8, head_dim=128, max_position_embeddings=40960, qkv_bias=False,
         qk_norm=True),
+    # Qwen3-30B-A3B's layout (GQA 32:4 at head dim 128, 128 experts, 8 active) scaled to the
+    # deepseek-v2-mid preset's size: 8 layers at hidden 1024, 64 experts of 256, 6 active
+    "qwen3-moe-mid": dict(
+        hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
+        num_key_value_heads=4, head_dim=128, max_position_embeddings=40960, qkv_bias=False, qk_norm=True,
+        tie_word_embeddings=False, num_experts=64, num_experts_per_tok=6, moe_intermediate_size=256),
     "smollm2-135m": dict(  # 135M, Llama architecture
         vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
@@ -119,12 +149,15 @@ class Attention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: QwenConfig):
+    def __init__(self, config: QwenConfig, layer_idx: int):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size)
+        if config.is_moe_layer(layer_idx):
+            self.mlp = SparseMoE(config.hidden_size, config.moe_config())
+        else:
+            self.mlp = GatedMLP(config.hidden_size, config.intermediate_size)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), rope, meta)
@@ -140,7 +173,7 @@ class QwenModel(CausalLM):
         self.max_positions = config.max_position_embeddings
         self.model = nn.ModuleDict(dict(
             embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size),
-            layers=nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers)),
+            layers=nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers)),
             norm=RMSNorm(config.hidden_size, config.rms_norm_eps),
         ))
         self.rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings,

@@ -107,7 +107,7 @@ def run_engine(loaded: LoadedModel, prompts: list[list[int]], output_len: int, c
     elapsed = time.perf_counter() - start
     assert num_out == len(prompts) * output_len, f"generated {num_out} tokens, expected {len(prompts) * output_len}"
     num_in = sum(len(p) for p in prompts)
-    kv_bytes = sum(k.numel() * k.element_size() * 2 for k, _ in engine.runner.kv_caches)
+    kv_bytes = sum(pool.numel() * pool.element_size() for pools in engine.runner.kv_caches for pool in pools)
     extra = {"kv_cache_gib": round(kv_bytes / 2**30, 2),
              "decode_step_ms_median": {b: round(1000 * statistics.median(t), 2) for b, t in sorted(decode_steps.items())},
              "decode_step_counts": {b: len(t) for b, t in sorted(decode_steps.items())},

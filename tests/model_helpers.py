@@ -9,11 +9,8 @@ from models.attention import build_attention_metadata
 from models.base import CausalLM
 
 
-def allocate_kv_pool(model: CausalLM, num_blocks: int, block_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    spec = model.kv_cache_spec
-    dtype = next(model.parameters()).dtype
-    shape = (num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
-    return [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for _ in range(spec.num_layers)]
+def allocate_kv_pool(model: CausalLM, num_blocks: int, block_size: int) -> list[tuple[torch.Tensor, ...]]:
+    return model.kv_cache_spec.allocate(num_blocks, block_size, next(model.parameters()).dtype)
 
 
 @torch.inference_mode()

@@ -65,12 +65,7 @@ class ModelRunner:
         self.model, self.device, self.block_size = loaded.model, loaded.device, block_size
         self.stop_token_ids = list(loaded.tokenizer.stop_token_ids)
         spec = self.model.kv_cache_spec
-        shape = (num_blocks, block_size, spec.num_kv_heads, spec.head_dim)  # (NB, BS, KVH, D)
-        self.kv_caches = [
-            (torch.zeros(shape, dtype=loaded.dtype, device=self.device),
-             torch.zeros(shape, dtype=loaded.dtype, device=self.device))
-            for _ in range(spec.num_layers)
-        ]
+        self.kv_caches = spec.allocate(num_blocks, block_size, loaded.dtype, self.device)  # (NB, BS, KVH, D) pools
         self.model.bind_kv_cache(self.kv_caches)
         self.workspace = DecodeWorkspace()
         self.use_fused_decode = False
