@@ -33,6 +33,10 @@ from models.attention import AttentionMetadata
 from models.layers import RMSNorm, apply_rotary
 
 MLA_MODES = ("absorbed", "naive")
+MLA_PATHS = {  # what each mode does on a decode step, for the load log
+    "absorbed": "W_UK folded into q and W_UV after: every head attends over the cached latents directly",
+    "naive": "every cached latent re-expanded to per-head K/V by kv_b_proj, every step",
+}
 
 
 class MLAttention(nn.Module):
@@ -61,6 +65,9 @@ class MLAttention(nn.Module):
 
     def prepare_absorbed(self) -> None:
         """Split kv_b_proj's weight into W_UK and W_UV^T; call before its weight is packed away."""
+        if not isinstance(self.kv_b_proj, nn.Linear):  # packed: the split was made before packing
+            assert self.w_uk is not None, "prepare_absorbed must run before kv_b_proj is packed"
+            return
         w = self.kv_b_proj.weight.detach().view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
         self.w_uk = w[:, :self.nope_dim].contiguous()  # (H, Dn, L)
         self.w_uv_t = w[:, self.nope_dim:].transpose(1, 2).contiguous()  # (H, L, Dv)

@@ -146,9 +146,12 @@ class SparseMoE(nn.Module):
         return out
 
 
-def drain_expert_load(model: nn.Module) -> torch.Tensor | None:
+def moe_layers(model: nn.Module) -> list[SparseMoE]:
+    return [m for m in model.modules() if isinstance(m, SparseMoE)]
+
+
+def drain_expert_load(layers: list[SparseMoE]) -> torch.Tensor | None:
     """Tokens routed to each expert since the last call, (MoE layers, E), and reset; None if dense."""
-    layers = [m for m in model.modules() if isinstance(m, SparseMoE)]
     if not layers:
         return None
     num_experts = layers[0].experts.num_experts

@@ -78,11 +78,15 @@ def read_bandwidth_gbps(device: torch.device, nbytes: int = 512 * 2**20, repeats
 
 
 def matmul_params_per_token(model: torch.nn.Module) -> int:
-    """Weights every decoded token multiplies by: all Linear layers incl. the LM head."""
+    """Weights every decoded token multiplies by: all Linear layers incl. the LM head, plus the
+    top-k routed experts of each MoE layer (not all E of them)."""
     from models.fast_linear import PackedLinear
+    from models.moe import moe_layers
 
     linears = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, PackedLinear))]
-    return sum(m.in_features * m.out_features for m in linears)
+    experts = sum(layer.gate.config.top_k * (layer.experts.gate_up_proj[0].numel() + layer.experts.down_proj[0].numel())
+                  for layer in moe_layers(model))
+    return sum(m.in_features * m.out_features for m in linears) + experts
 
 
 def run_engine(loaded: LoadedModel, prompts: list[list[int]], output_len: int, config: EngineConfig,
@@ -168,7 +172,8 @@ def run_bench(args) -> int:
     prompts = make_prompts(args.num_prompts, args.input_len, loaded.tokenizer.vocab_size, args.scenario == "shared-prefix")
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                           num_kv_blocks=args.num_kv_blocks, enable_prefix_caching=args.enable_prefix_caching,
-                          speculative=speculative_config_from_args(args))
+                          speculative=speculative_config_from_args(args), mla_mode=args.mla_mode,
+                          **({} if args.kv_cache_memory is None else {"kv_cache_memory": args.kv_cache_memory}))
     peak = gemm_peak_gflops(loaded.dtype, loaded.device)
     read_gbps = read_bandwidth_gbps(loaded.device)
     hf_model = None

@@ -79,6 +79,8 @@ def _run_generate(args) -> int:
 
 
 def _add_bench(sub) -> None:
+    from server.api.server_config import add_mla_argument, add_speculative_arguments, parse_bytes
+
     p = sub.add_parser("bench", help="offline throughput benchmark (vLLM bench throughput style)")
     _add_model_flags(p)
     p.add_argument("--num-prompts", type=int, default=64)
@@ -89,15 +91,16 @@ def _add_bench(sub) -> None:
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--num-kv-blocks", type=int, default=None)
+    p.add_argument("--kv-cache-memory", type=parse_bytes, default=None,
+                   help="bytes for the KV pool, e.g. 512MiB (default: the engine's 1 GiB; --num-kv-blocks wins)")
     p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
     p.add_argument("--baseline", choices=["none", "hf", "naive"], default="none",
                    help="also run the same workload through HF generate (static batches) or the naive no-cache loop")
     p.add_argument("--structured-output", choices=["none", "json"], default="none",
                    help="json: also run every request under a JSON schema (grammar mask cost, same prompts)")
     p.add_argument("--json", dest="json_path", default=None, help="write the results as JSON here")
-    from server.api.server_config import add_speculative_arguments
-
     add_speculative_arguments(p)
+    add_mla_argument(p)
     p.set_defaults(run=_run_bench)
 
 

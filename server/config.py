@@ -23,11 +23,13 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     fast_kernels: bool = True                # oneDNN pre-packed linears (CPU bf16); off = plain F.linear
     speculative: "SpeculativeConfig | None" = None  # speculative decoding: n-gram or a draft model
+    mla_mode: str = "absorbed"               # MLA models' decode attention: absorbed | naive (models/mla.py)
 
     def __post_init__(self) -> None:
         assert self.max_num_seqs >= 1 and self.max_num_batched_tokens >= 1, "budgets must be positive"
         assert self.block_size >= 1 and self.kv_cache_memory > 0
         assert self.num_kv_blocks is None or self.num_kv_blocks >= 1
+        assert self.mla_mode in ("absorbed", "naive"), f"unknown MLA mode {self.mla_mode!r}"
 
     def resolve_num_blocks(self, spec: KVCacheSpec, dtype, max_model_len: int, extra_bytes_per_block: int = 0) -> int:
         """Blocks in the pool: explicit, or what the memory budget buys, capped by what

@@ -22,6 +22,7 @@ TOKEN_COUNT_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 100
                        100000)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 ITERATION_TOKEN_BUCKETS = (1, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+EXPERT_TOKEN_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
 class Metrics:
@@ -71,6 +72,9 @@ class Metrics:
         self.request_generation_tokens = histogram("nanoserve_request_generation_tokens", "Generated tokens per request (all choices)", TOKEN_COUNT_BUCKETS)
         self.batch_size = histogram("nanoserve_batch_size", "Sequences per engine step", BATCH_SIZE_BUCKETS)
         self.iteration_tokens = histogram("nanoserve_iteration_tokens", "Tokens per engine step", ITERATION_TOKEN_BUCKETS)
+        self.expert_tokens = histogram("nanoserve_moe_expert_tokens",
+                                       "Tokens routed to one expert in one engine step (mean over MoE layers), one sample per expert",
+                                       EXPERT_TOKEN_BUCKETS)
 
     def set_build_info(self, version: str, model: str, dtype: str, device: str) -> None:
         self._build.info({"version": version, "model_name": self.model_name, "model": model,
@@ -93,6 +97,9 @@ class Metrics:
         if stats.batch_size:
             self.batch_size.observe(stats.batch_size)
             self.iteration_tokens.observe(stats.num_batched_tokens)
+        if stats.expert_tokens:
+            for tokens in stats.expert_tokens:
+                self.expert_tokens.observe(tokens / stats.num_moe_layers)
         for ttft in stats.time_to_first_tokens:
             self.ttft.observe(ttft)
         for itl in stats.inter_token_latencies:

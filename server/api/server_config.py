@@ -41,7 +41,7 @@ def _env_bool(name: str, default: bool) -> bool:
     return default if value is None else value.strip().lower() in ("1", "true", "yes", "on")
 
 
-def _parse_bytes(text: str) -> int:
+def parse_bytes(text: str) -> int:
     """'2GiB', '512MiB', '1e9' or a plain number of bytes."""
     units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
     lowered = str(text).strip().lower()
@@ -64,10 +64,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=int(_env("max_num_seqs", e.max_num_seqs)))
     p.add_argument("--max-num-batched-tokens", type=int, default=int(_env("max_num_batched_tokens", e.max_num_batched_tokens)))
     p.add_argument("--block-size", type=int, default=int(_env("block_size", e.block_size)))
-    p.add_argument("--kv-cache-memory", type=_parse_bytes, default=_parse_bytes(_env("kv_cache_memory", e.kv_cache_memory)), help="bytes for the KV pool, e.g. 2GiB")
+    p.add_argument("--kv-cache-memory", type=parse_bytes, default=parse_bytes(_env("kv_cache_memory", e.kv_cache_memory)), help="bytes for the KV pool, e.g. 2GiB")
     p.add_argument("--num-kv-blocks", type=int, default=_opt_int(_env("num_kv_blocks", None)), help="explicit pool size (overrides --kv-cache-memory)")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=_env_bool("enable_prefix_caching", True))
     add_speculative_arguments(p)
+    add_mla_argument(p)
     p.add_argument("--max-queue", type=int, default=int(_env("max_queue", 1024)), help="waiting requests before 429")
     p.add_argument("--max-request-bytes", type=int, default=int(_env("max_request_bytes", 1 << 20)), help="larger bodies get 413")
     p.add_argument("--api-key", default=_env("api_key", None), help="require 'Authorization: Bearer KEY' on /v1/*")
@@ -92,6 +93,12 @@ def add_speculative_arguments(p: argparse.ArgumentParser) -> None:
                    help="n-gram lookup: the longest suffix looked up")
 
 
+def add_mla_argument(p: argparse.ArgumentParser) -> None:
+    """--mla-mode (serve and bench): how DeepSeek models' decode attention reads the latent cache."""
+    p.add_argument("--mla-mode", choices=["absorbed", "naive"], default=_env("mla_mode", "absorbed"),
+                   help="MLA models: attend over the cached latents (absorbed) or re-expand them to K/V every step (naive)")
+
+
 def speculative_config_from_args(args: argparse.Namespace):
     """A SpeculativeConfig, or None without --speculative. Raises ValueError for bad values."""
     from server.engine.speculative import SpeculativeConfig
@@ -113,6 +120,7 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
         kv_cache_memory=args.kv_cache_memory, num_kv_blocks=args.num_kv_blocks,
         enable_prefix_caching=args.enable_prefix_caching, speculative=speculative_config_from_args(args),
+        mla_mode=args.mla_mode,
     )
     return ServerConfig(
         model=args.model, served_model_name=args.served_model_name, host=args.host, port=args.port,

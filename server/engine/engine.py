@@ -64,7 +64,8 @@ class Engine:
                                    self.max_model_len, spec.num_tokens if spec else 0, spec.max_batch if spec else 0,
                                    free_drafts=spec is not None and spec.method == "ngram")
         self.grammars = GrammarCompiler(self.tokenizer)
-        self.runner = ModelRunner(loaded, num_blocks, config.block_size, config.fast_kernels, self.grammars)
+        self.runner = ModelRunner(loaded, num_blocks, config.block_size, config.fast_kernels, self.grammars,
+                                  config.mla_mode)
         self.proposer = None
         if spec is not None:
             self.proposer = NgramProposer(spec) if draft is None else DraftProposer(
@@ -79,8 +80,9 @@ class Engine:
         self.vocab_size = loaded.model.lm_head.out_features
         self._prefix_counts = (0, 0)
         block_bytes = loaded.model.kv_cache_spec.bytes_per_block(config.block_size, loaded.dtype) + draft_block_bytes
-        log.info("KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB%s)", num_blocks, config.block_size,
-                 num_blocks * config.block_size, num_blocks * block_bytes / 2**30, ", draft model's pool included" * bool(draft))
+        log.info("KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB%s); %s", num_blocks, config.block_size,
+                 num_blocks * config.block_size, num_blocks * block_bytes / 2**30,
+                 ", draft model's pool included" * bool(draft), loaded.model.kv_cache_spec.describe(loaded.dtype))
 
     # ---- requests -----------------------------------------------------------------------------
 
@@ -157,6 +159,7 @@ class Engine:
             self._propose(output)
             result = self.runner.execute(output)
             deltas += self._postprocess(output, result, stats)
+            stats.expert_tokens, stats.num_moe_layers = self.runner.drain_expert_load(), len(self.runner.moe_layers)
             stats.batch_size = len(output.chunks)
             stats.num_batched_tokens = sum(chunk.num_new_tokens for chunk in output.chunks)
         stats.num_preemptions = self.scheduler.num_preemptions - preemptions_before

@@ -59,6 +59,8 @@ class StepStats:
     num_spec_drafts: int = 0            # speculative verifications (sequences with >= 1 draft token)
     num_spec_draft_tokens: int = 0      # draft tokens verified
     num_spec_accepted_tokens: int = 0   # of which the target accepted
+    expert_tokens: list[int] | None = None  # MoE: tokens routed to each expert, summed over MoE layers
+    num_moe_layers: int = 0
     time_to_first_tokens: list[float] = field(default_factory=list)
     inter_token_latencies: list[float] = field(default_factory=list)
     finished: list[RequestStats] = field(default_factory=list)

@@ -25,6 +25,8 @@ from models.attention import DecodeWorkspace, build_attention_metadata
 from models.fast_linear import pack_linear_layers
 from models.fused_attention import decode_kernel, describe_decode_path
 from models.loader import LoadedModel
+from models.mla import MLA_PATHS
+from models.moe import drain_expert_load, moe_layers
 from server.engine.grammar import GrammarCompiler
 from server.engine.sampler import Sampler, SamplingRow, needs_mask_first, prompt_logprobs, target_probs, token_logprobs
 from server.engine.step_plan import ScheduledChunk, SchedulerOutput
@@ -61,7 +63,7 @@ class ModelRunner:
     """Owns the model, its paged KV pool and the sampler."""
 
     def __init__(self, loaded: LoadedModel, num_blocks: int, block_size: int, fast_kernels: bool = True,
-                 grammars: GrammarCompiler | None = None):
+                 grammars: GrammarCompiler | None = None, mla_mode: str = "absorbed"):
         self.model, self.device, self.block_size = loaded.model, loaded.device, block_size
         self.stop_token_ids = list(loaded.tokenizer.stop_token_ids)
         spec = self.model.kv_cache_spec
@@ -69,13 +71,20 @@ class ModelRunner:
         self.model.bind_kv_cache(self.kv_caches)
         self.workspace = DecodeWorkspace()
         self.use_fused_decode = False
+        is_mla = hasattr(self.model, "set_mla_mode")
+        if is_mla:
+            self.model.set_mla_mode(mla_mode)  # before packing: the absorbed path splits kv_b_proj's weight
         if fast_kernels:
             pack_linear_layers(self.model)
-            self.use_fused_decode = self.device.type == "cpu" and decode_kernel() is not None
-        if self.use_fused_decode:
+            self.use_fused_decode = self.device.type == "cpu" and decode_kernel() is not None and not is_mla
+        if is_mla:
+            log.info("decode attention: MLA %s (%s)", mla_mode, MLA_PATHS[mla_mode])
+        elif self.use_fused_decode:
             log.info("decode attention: %s", describe_decode_path(spec.head_dim))
         elif self.device.type == "cpu":
             log.info("decode attention: PyTorch gather + SDPA (fast kernels %s)", "off" if not fast_kernels else "unavailable")
+        self.moe_layers = moe_layers(self.model)
+        drain_expert_load(self.moe_layers)  # forget routing counted before this engine (reference forwards)
         self.sampler = Sampler()
         self.grammars = grammars
         self.vocab_size = self.model.lm_head.out_features
@@ -257,6 +266,11 @@ class ModelRunner:
         entries = [(t, (lp, list(zip(top_ids[j], top_lps[j]))))
                    for j, (t, lp) in enumerate(zip(targets.tolist(), target_lp.tolist()))]
         return PromptLogprobs(seq, start + 1, entries)
+
+    def drain_expert_load(self) -> list[int] | None:
+        """Tokens routed to each expert since the last call, summed over MoE layers; None if dense."""
+        load = drain_expert_load(self.moe_layers)  # (L_moe, E)
+        return None if load is None else load.sum(0).tolist()
 
     def release(self, seq_id: int) -> None:
         """Forget per-sequence state (its seeded generator) once it finished."""
