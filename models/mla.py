@@ -138,9 +138,10 @@ class MLAttention(nn.Module):
         if self.w_uk is None:
             self.prepare_absorbed()
         q_latent = torch.bmm(q_nope.transpose(0, 1), self.w_uk).transpose(0, 1)  # (H, Rw, Dn) x (H, Dn, L) -> (Rw, H, L)
-        q = torch.cat((q_latent, q_pe), dim=-1)[:, :, None]  # (Rw, H, 1, L + R)
-        latents = self._decode_latents(meta)[:, None]  # (Rw, 1, K, L + R): one latent "KV head" for all H
-        o_latent = F.scaled_dot_product_attention(q, latents, latents[..., :self.kv_lora_rank],
-                                                  attn_mask=meta.decode_key_mask, scale=self.scale,
-                                                  enable_gqa=True)  # (Rw, H, 1, L)
-        return torch.bmm(o_latent[:, :, 0].transpose(0, 1), self.w_uv_t).transpose(0, 1)  # (H, Rw, L) x (H, L, Dv) -> (Rw, H, Dv)
+        q = torch.cat((q_latent, q_pe), dim=-1)  # (Rw, H, L + R)
+        latents = self._decode_latents(meta)  # (Rw, K, L + R): one latent "KV head" shared by all H heads
+        scores = torch.bmm(q, latents.transpose(1, 2)).float() * self.scale  # (Rw, H, K), no per-head copy of K
+        scores.masked_fill_(~meta.decode_key_mask[:, 0], float("-inf"))  # (Rw, 1, K) broadcast over heads
+        probs = scores.softmax(-1).to(q.dtype)  # (Rw, H, K)
+        o_latent = torch.bmm(probs, latents[..., :self.kv_lora_rank])  # (Rw, H, K) x (Rw, K, L) -> (Rw, H, L)
+        return torch.bmm(o_latent.transpose(0, 1), self.w_uv_t).transpose(0, 1)  # (H, Rw, L) x (H, L, Dv) -> (Rw, H, Dv)
