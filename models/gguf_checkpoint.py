@@ -6,6 +6,7 @@ permuted for its interleaved RoPE. Within each head it reorders the D rows
     [0 .. D/2) [D/2 .. D)   (HF rotate-half pairs i and i + D/2)
     -> 0, D/2, 1, D/2+1, ... (interleaved pairs 2i and 2i+1)
 so we undo it, or the model talks nonsense. Qwen2/Qwen3 GGUFs use NEOX RoPE and are not permuted.
+DeepSeek's `deepseek2` files have their own module (models/gguf_deepseek2.py).
 """
 from __future__ import annotations
 
@@ -16,13 +17,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from models.gguf_deepseek2 import build_deepseek2
 from models.gguf_tokenizer import tokenizer_from_gguf
 from models.gpt2 import GPT2, GPT2Config
 from models.hf_checkpoint import hf_to_qwen_state_dict
 from models.qwen import QwenConfig, QwenModel
 from models.state_dict import load_state_dict
 
-SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "gpt2")
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "gpt2", "deepseek2")
 
 QWEN_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -59,7 +61,9 @@ def load_gguf(path: Path) -> tuple[torch.nn.Module, "Tokenizer", int]:
     if arch not in SUPPORTED_ARCHS:
         raise ValueError(f"GGUF architecture {arch!r} is not supported; nanoserve runs {', '.join(SUPPORTED_ARCHS)}")
     tensors = {t.name: dequantize(t) for t in tqdm(reader.tensors, desc="dequantizing", unit="tensor")}
-    if arch == "gpt2":
+    if arch == "deepseek2":
+        model, state_dict, max_len = build_deepseek2(meta, tensors)
+    elif arch == "gpt2":
         model, max_len = _gpt2_model(meta)
         state_dict = {_gpt2_name(k): v for k, v in tensors.items()}
     else:

@@ -178,7 +178,11 @@ def run_bench(args) -> int:
     read_gbps = read_bandwidth_gbps(loaded.device)
     hf_model = None
     if args.baseline == "hf":  # copy the weights before the engine packs them for oneDNN
-        hf_model = to_transformers(loaded)
+        try:
+            hf_model = to_transformers(loaded)
+        except ValueError as error:
+            print(f"nanoserve bench: error: {error}", file=sys.stderr)
+            return 2
     results = [run_engine(loaded, prompts, args.output_len, config)]
     results[0].extra.update(roofline(loaded, results[0], peak, read_gbps))
     results[0].extra["peak_rss_gib"] = round(peak_rss_gib(), 2)

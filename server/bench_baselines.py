@@ -57,6 +57,9 @@ def to_transformers(loaded: LoadedModel) -> torch.nn.Module:
     import transformers
 
     model = loaded.model
+    if not isinstance(model, GPT2) and (not hasattr(model.config, "qkv_bias") or model.config.num_experts):
+        raise ValueError("--baseline hf covers the dense families (GPT-2, Qwen, Llama); "
+                         "use --baseline naive for MoE and MLA models")
     if isinstance(model, GPT2):
         c = model.config
         hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(

@@ -44,3 +44,12 @@ def test_draft_with_another_tokenizer_is_one_sentence():
     done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and "does not share the tokenizer" in done.stderr, done.stderr[-2000:]
     assert "Traceback" not in done.stderr, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("flags, message, code", [
+    (["serve", "--model", "random:tiny-deepseek-v3", "--port", str(free_port()), "--mla-mode", "fast"], "invalid choice", 2),
+    (["bench", "--model", "random:tiny-qwen3-moe", "--num-prompts", "1", "--baseline", "hf"], "--baseline naive for MoE", 2),
+])
+def test_bad_mla_and_moe_flags_are_one_sentence(flags, message, code):
+    done = subprocess.run([sys.executable, "-m", "server.cli", *flags], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == code and message in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]

@@ -139,3 +139,17 @@ def test_mla_pool_stores_only_latents_and_holds_more_tokens():
     assert mla_blocks / mha_blocks == pytest.approx(mha.bytes_per_block(1, torch.bfloat16) / (3 * 48 * 2), rel=1e-3)
     pools = spec.allocate(2, 16, torch.float32)
     assert len(pools) == 3 and all(len(p) == 1 and p[0].shape == (2, 16, 1, 48) for p in pools)
+
+
+@pytest.mark.parametrize("family,split_kv_b", [("deepseek_v2", True), ("deepseek_v3", True), ("deepseek_v3", False)])
+def test_gguf_deepseek2_parity(moe_checkpoints, tmp_path, family, split_kv_b):
+    """A `deepseek2` GGUF written as llama.cpp's converter does (kv_b split into attn_k_b/attn_v_b,
+    or whole as in older files; experts stacked) loads and equals transformers."""
+    from models.builtin import builtin_model_path
+    from tests.gguf_writer import write_deepseek2_gguf
+
+    _, hf_model = moe_checkpoints[family]
+    path = tmp_path / f"{family}.gguf"
+    write_deepseek2_gguf(path, hf_model, str(builtin_model_path("smollm2-135m-instruct")), split_kv_b=split_kv_b)
+    loaded = load_model(str(path), dtype="float32", device="cpu")
+    assert_parity(loaded.model, hf_model, VOCAB)

@@ -10,7 +10,9 @@ from models.loader import load_model
 from models.moe import moe_layers
 from server.config import EngineConfig
 from server.engine.engine import Engine
-from tests.test_engine import assert_matches_reference, greedy, make_prompts
+from server.engine.speculative import SpeculativeConfig
+from tests.test_engine import MAX_TOKENS, assert_matches_reference, greedy, make_prompts
+from tests.test_speculative import run
 
 CASES = [("tiny-deepseek-v3", "absorbed"), ("tiny-deepseek-v3", "naive"), ("tiny-deepseek-v2", "absorbed"),
          ("tiny-qwen3-moe", "absorbed")]
@@ -63,6 +65,19 @@ def test_expert_load_reaches_step_stats(models):
     assert len([t for t in stats.expert_tokens if t]) > 2, "tokens spread over several experts"
     _, stats = engine.step()
     assert sum(stats.expert_tokens) == top_k * num_moe, "counted once per step, not accumulated"
+
+
+@pytest.mark.parametrize("mode", ["absorbed", "naive"])
+def test_speculative_verification_rows_match_reference(models, mode):
+    """Verification chunks (last token + K drafts) go through MLA's decode path as one row each."""
+    loaded = models["tiny-deepseek-v3"]
+    spec = SpeculativeConfig("ngram", num_tokens=4, max_batch=1000, ngram_min=1)
+    engine = Engine(loaded, EngineConfig(num_kv_blocks=256, block_size=4, speculative=spec, mla_mode=mode))
+    prompts = [[5, 6, 7, 8] * 6, [9, 10] * 9 + [11], make_prompts(1, seed=4)[0]]
+    outputs, totals = run(engine, prompts, greedy(MAX_TOKENS))
+    assert [c[0].token_ids for c in outputs] == [loaded.model.generate(p, MAX_TOKENS) for p in prompts]
+    assert totals["draft_tokens"] > 0, "verification rows ran"
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
 def test_unknown_mla_mode_is_refused(models):
