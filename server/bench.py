@@ -188,6 +188,7 @@ def run_bench(args) -> int:
     results[0].extra["peak_rss_gib"] = round(peak_rss_gib(), 2)
     results[0].extra["weights_gib"] = round(weights_gib(loaded.model), 2)
     results[0].extra["kv_cache_gib"] = results[0].extra.pop("kv_cache_gib")
+    results[0].extra["kv_bytes_per_token"] = loaded.model.kv_cache_spec.bytes_per_block(1, loaded.dtype)
     if args.baseline == "hf":
         results.append(run_hf_generate(loaded, hf_model, prompts, args.output_len))
     elif args.baseline == "naive":

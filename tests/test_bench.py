@@ -34,3 +34,14 @@ def test_bench_compares_json_constrained_requests(tmp_path, capsys):
     assert constrained["output_tokens_per_s"] > 0 and constrained["extra"]["decode_step_counts"]
     assert len(constrained["extra"]["decode_step_ratio_vs_free"]) == 3 and constrained["extra"]["decode_step_ratio_vs_free_median"] > 0
     assert "nanoserve / nanoserve + JSON schema" in capsys.readouterr().out
+
+
+def test_bench_on_mla_model_reports_latent_kv_and_both_modes(tmp_path):
+    """An MLA + MoE model benches in both decode modes; its KV bytes per token are the latent's."""
+    for mode in ("absorbed", "naive"):
+        out = tmp_path / f"{mode}.json"
+        main(["bench", "--model", "random:tiny-deepseek-v2", "--dtype", "float32", "--num-prompts", "3",
+              "--input-len", "8", "--output-len", "5", "--mla-mode", mode, "--baseline", "naive", "--json", str(out)])
+        ours, naive = json.loads(out.read_text())
+        assert ours["extra"]["kv_bytes_per_token"] == 2 * (32 + 16) * 4  # 2 layers x (latent 32 + rope 16) x fp32
+        assert ours["output_tokens_per_s"] > 0 and naive["output_tokens_per_s"] > 0
