@@ -7,12 +7,14 @@ whole sequence for every new token, no cache, greedy by default.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
 from models.attention import AttentionMetadata, KVCache, build_attention_metadata
+from models.layers import PreNormBlock, RMSNorm, RotaryEmbedding
 
 
 @dataclass(frozen=True)
@@ -98,3 +100,46 @@ class CausalLM(nn.Module):
             if next_id in stop_token_ids:
                 break
         return tokens[len(token_ids):]
+
+
+class RotaryDecoderLM(CausalLM):
+    """The skeleton Qwen/Llama and DeepSeek share: token embedding, decoder layers that take one
+    rotary table per step, final RMSNorm, LM head (tied to the embedding when the config says so).
+    Parameter names follow the HF checkpoints (`model.layers.0...`, `lm_head`).
+    """
+
+    def __init__(self, config, attention: Callable[[int], nn.Module], mlp: Callable[[int], nn.Module], rope_dim: int):
+        """attention(i) and mlp(i) build layer i's two sublayers; rope_dim is the rotated width."""
+        super().__init__()
+        self.config = config
+        self.max_positions = config.max_position_embeddings
+        layers = [PreNormBlock(config.hidden_size, config.rms_norm_eps, attention(i), mlp(i))
+                  for i in range(config.num_hidden_layers)]
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size),
+            layers=nn.ModuleList(layers),
+            norm=RMSNorm(config.hidden_size, config.rms_norm_eps),
+        ))
+        self.rotary = RotaryEmbedding(rope_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def attention_layers(self) -> list[nn.Module]:
+        return [layer.self_attn for layer in self.model.layers]
+
+    def keep_first_layers(self, num_layers: int) -> None:
+        """Drop every layer after the first num_layers (a cheap draft model of the same family)."""
+        self.model.layers = self.model.layers[:num_layers]
+        self.config.num_hidden_layers = num_layers
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        x = self.model.embed_tokens(input_ids)  # (N, C)
+        rope = self.rotary.tables(positions)  # (N, 1, D) cos and signed sin, shared by every layer
+        for layer in self.model.layers:
+            x = layer(x, rope, meta)
+        return self.model.norm(x)  # (N, C)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)  # (M, C) -> (M, V)
+

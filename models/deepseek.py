@@ -17,12 +17,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 import torch.nn as nn
 
-from models.attention import AttentionMetadata
-from models.base import CausalLM, KVCacheSpec
-from models.layers import GatedMLP, RMSNorm, RotaryEmbedding, yarn_get_mscale
+from models.base import KVCacheSpec, RotaryDecoderLM
+from models.layers import GatedMLP, yarn_get_mscale
 from models.mla import MLA_MODES, MLAttention
 from models.moe import MoEConfig, SparseMoE
 
@@ -112,55 +110,17 @@ DEEPSEEK_PRESETS: dict[str, dict] = {
 }
 
 
-class DecoderLayer(nn.Module):
-    def __init__(self, config: DeepseekConfig, layer_idx: int):
-        super().__init__()
-        c = config
-        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.self_attn = MLAttention(c.hidden_size, c.num_attention_heads, c.q_lora_rank, c.kv_lora_rank,
-                                     c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.softmax_scale,
-                                     c.attention_bias, c.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        if layer_idx < c.first_k_dense_replace:
-            self.mlp = GatedMLP(c.hidden_size, c.intermediate_size)
-        else:
-            self.mlp = SparseMoE(c.hidden_size, c.moe_config())
-
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
-
-
-class DeepseekModel(CausalLM):
+class DeepseekModel(RotaryDecoderLM):
     """DeepSeek-V2/V3 causal LM over a paged cache of MLA latents."""
 
     def __init__(self, config: DeepseekConfig):
-        super().__init__()
-        self.config = config
-        self.max_positions = config.max_position_embeddings
-        self.model = nn.ModuleDict(dict(
-            embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size),
-            layers=nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers)),
-            norm=RMSNorm(config.hidden_size, config.rms_norm_eps),
-        ))
-        self.rotary = RotaryEmbedding(config.qk_rope_head_dim, config.max_position_embeddings,
-                                      config.rope_theta, config.rope_scaling)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        super().__init__(config, lambda i: _attention(config), lambda i: _mlp(config, i), rope_dim=config.qk_rope_head_dim)
 
     @property
     def kv_cache_spec(self) -> KVCacheSpec:
         """One pool of latents: (1, kv_lora_rank + rope dim) per token and layer."""
         c = self.config
         return KVCacheSpec(c.num_hidden_layers, 1, c.kv_lora_rank + c.qk_rope_head_dim, num_pools=1)
-
-    def attention_layers(self) -> list[nn.Module]:
-        return [layer.self_attn for layer in self.model.layers]
-
-    def keep_first_layers(self, num_layers: int) -> None:
-        self.model.layers = self.model.layers[:num_layers]
-        self.config.num_hidden_layers = num_layers
 
     def set_mla_mode(self, mode: str) -> None:
         """`absorbed` (default) or `naive` decode attention; call before the linears are packed."""
@@ -171,12 +131,14 @@ class DeepseekModel(CausalLM):
             if mode == "absorbed":
                 attn.prepare_absorbed()
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        x = self.model.embed_tokens(input_ids)  # (N, C)
-        rope = self.rotary.tables(positions)  # (N, 1, R) cos and signed sin, shared by every layer
-        for layer in self.model.layers:
-            x = layer(x, rope, meta)
-        return self.model.norm(x)  # (N, C)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)  # (M, C) -> (M, V)
+def _attention(c: DeepseekConfig) -> MLAttention:
+    return MLAttention(c.hidden_size, c.num_attention_heads, c.q_lora_rank, c.kv_lora_rank, c.qk_nope_head_dim,
+                       c.qk_rope_head_dim, c.v_head_dim, c.softmax_scale, c.attention_bias, c.rms_norm_eps)
+
+
+def _mlp(c: DeepseekConfig, layer_idx: int) -> nn.Module:
+    """Dense SwiGLU in the first `first_k_dense_replace` layers, routed + shared experts after."""
+    if layer_idx < c.first_k_dense_replace:
+        return GatedMLP(c.hidden_size, c.intermediate_size)
+    return SparseMoE(c.hidden_size, c.moe_config())

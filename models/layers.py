@@ -1,4 +1,5 @@
-"""Layers shared by the model families: RMSNorm, rotary position embedding, gated MLP.
+"""Layers shared by the model families: RMSNorm, rotary position embedding, gated MLP, the
+pre-norm decoder block.
 
 Legend: N tokens in the packed batch, C channels, H heads, D head dim.
 """
@@ -52,6 +53,21 @@ class GatedMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (N, 2F) -> 2 x (N, F)
         return self.down_proj(F.silu(gate) * up)
+
+
+class PreNormBlock(nn.Module):
+    """The Llama / Qwen / DeepSeek decoder layer: x + attn(RMSNorm(x)), then x + mlp(RMSNorm(x))."""
+
+    def __init__(self, dim: int, eps: float, self_attn: nn.Module, mlp: nn.Module):
+        super().__init__()
+        self.input_layernorm = RMSNorm(dim, eps)
+        self.self_attn = self_attn
+        self.post_attention_layernorm = RMSNorm(dim, eps)
+        self.mlp = mlp
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class RotaryEmbedding(nn.Module):

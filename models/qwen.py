@@ -17,8 +17,8 @@ import torch
 import torch.nn as nn
 
 from models.attention import AttentionMetadata, paged_attention
-from models.base import CausalLM, KVCacheSpec
-from models.layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rotary
+from models.base import KVCacheSpec, RotaryDecoderLM
+from models.layers import GatedMLP, RMSNorm, apply_rotary
 from models.moe import MoEConfig, SparseMoE
 
 
@@ -148,59 +148,19 @@ class Attention(nn.Module):
         return self.o_proj(y.flatten(1))  # (N, H*D) -> (N, C)
 
 
-class DecoderLayer(nn.Module):
-    def __init__(self, config: QwenConfig, layer_idx: int):
-        super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        if config.is_moe_layer(layer_idx):
-            self.mlp = SparseMoE(config.hidden_size, config.moe_config())
-        else:
-            self.mlp = GatedMLP(config.hidden_size, config.intermediate_size)
-
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
-
-
-class QwenModel(CausalLM):
-    """Qwen2/2.5/3 and Llama-style causal LM."""
+class QwenModel(RotaryDecoderLM):
+    """Qwen2/2.5/3(-MoE) and Llama-style causal LM."""
 
     def __init__(self, config: QwenConfig):
-        super().__init__()
-        self.config = config
-        self.max_positions = config.max_position_embeddings
-        self.model = nn.ModuleDict(dict(
-            embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size),
-            layers=nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers)),
-            norm=RMSNorm(config.hidden_size, config.rms_norm_eps),
-        ))
-        self.rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings,
-                                      config.rope_theta, config.rope_scaling)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        super().__init__(config, lambda i: Attention(config), lambda i: _mlp(config, i), rope_dim=config.head_dim)
 
     @property
     def kv_cache_spec(self) -> KVCacheSpec:
         c = self.config
         return KVCacheSpec(c.num_hidden_layers, c.num_key_value_heads, c.head_dim)
 
-    def attention_layers(self) -> list[nn.Module]:
-        return [layer.self_attn for layer in self.model.layers]
 
-    def keep_first_layers(self, num_layers: int) -> None:
-        """Drop every layer after the first num_layers (a cheap draft model of the same family)."""
-        self.model.layers = self.model.layers[:num_layers]
-        self.config.num_hidden_layers = num_layers
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        x = self.model.embed_tokens(input_ids)  # (N, C)
-        rope = self.rotary.tables(positions)  # (N, 1, D) cos and signed sin, shared by every layer
-        for layer in self.model.layers:
-            x = layer(x, rope, meta)
-        return self.model.norm(x)  # (N, C)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)  # (M, C) -> (M, V)
+def _mlp(config: QwenConfig, layer_idx: int) -> nn.Module:
+    if config.is_moe_layer(layer_idx):
+        return SparseMoE(config.hidden_size, config.moe_config())
+    return GatedMLP(config.hidden_size, config.intermediate_size)
