@@ -17,7 +17,8 @@ METRICS = ("nanoserve_num_requests_running", "nanoserve_num_requests_waiting", "
            "nanoserve_request_success_total", "nanoserve_prefix_cache_queries_total", "nanoserve_prefix_cache_hits_total",
            "nanoserve_time_to_first_token_seconds", "nanoserve_inter_token_latency_seconds",
            "nanoserve_e2e_request_latency_seconds", "nanoserve_request_queue_time_seconds",
-           "nanoserve_request_prompt_tokens", "nanoserve_request_generation_tokens", "nanoserve_iteration_tokens")
+           "nanoserve_request_prompt_tokens", "nanoserve_request_generation_tokens", "nanoserve_iteration_tokens",
+           "nanoserve_moe_expert_tokens")
 
 
 @pytest.fixture(scope="module")
