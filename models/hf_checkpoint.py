@@ -128,6 +128,13 @@ def deinterleave_rope_rows(tensors: dict[str, torch.Tensor], config: dict) -> di
     return out
 
 
+def drop_mtp_layers(tensors: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
+    """DeepSeek-V3 checkpoints append multi-token-prediction layers (`model.layers.61.*` after 61
+    layers): a speculative head outside the forward, skipped as transformers skips it."""
+    layer = re.compile(r"model\.layers\.(\d+)\.")
+    return {k: v for k, v in tensors.items() if not ((m := layer.match(k)) and int(m.group(1)) >= num_layers)}
+
+
 def hf_to_qwen_state_dict(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Also DeepSeek's: the same fusions (dense and shared-expert SwiGLU), experts stacked first."""
     out, pending = {}, {}
@@ -163,7 +170,7 @@ def load_hf_dir(path: Path) -> tuple[torch.nn.Module, "Tokenizer", int]:
     else:
         state_dict = hf_to_qwen_state_dict(tensors)
         if config["model_type"].startswith("deepseek"):
-            state_dict = deinterleave_rope_rows(state_dict, config)
+            state_dict = deinterleave_rope_rows(drop_mtp_layers(state_dict, config["num_hidden_layers"]), config)
     load_state_dict(model, state_dict)
     if (path / "tokenizer.json").is_file():
         tokenizer = tokenizer_from_hf_dir(path)

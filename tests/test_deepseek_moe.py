@@ -153,3 +153,20 @@ def test_gguf_deepseek2_parity(moe_checkpoints, tmp_path, family, split_kv_b):
     write_deepseek2_gguf(path, hf_model, str(builtin_model_path("smollm2-135m-instruct")), split_kv_b=split_kv_b)
     loaded = load_model(str(path), dtype="float32", device="cpu")
     assert_parity(loaded.model, hf_model, VOCAB)
+
+
+def test_multi_token_prediction_layers_are_skipped(moe_checkpoints, tmp_path):
+    """V3 checkpoints carry an MTP layer after the last one (`model.layers.<L>.*`); it is not part
+    of the forward and must not stop the load."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    path, hf_model = moe_checkpoints["deepseek_v3"]
+    copy = tmp_path / "with_mtp"
+    shutil.copytree(path, copy)
+    save_file({"model.layers.3.eh_proj.weight": torch.zeros(64, 128),
+               "model.layers.3.self_attn.kv_b_proj.weight": torch.zeros(160, 32)}, copy / "model-mtp.safetensors")
+    loaded = load_model(str(copy), dtype="float32", device="cpu")
+    ids = prompt_ids(VOCAB)
+    torch.testing.assert_close(loaded.model.full_logits(ids), hf_logits(hf_model, ids), atol=2e-4, rtol=1e-4)
