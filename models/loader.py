@@ -70,8 +70,12 @@ class ModelLoadError(Exception):
 
 
 def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype = "auto",
-               device: str | torch.device | None = None, seed: int = 0) -> LoadedModel:
+               device: str | torch.device | None = None, seed: int = 0,
+               overrides: dict[str, str] | None = None) -> LoadedModel:
     """Load `spec` onto `device` in `dtype`; logs load time and parameter count.
+
+    overrides: architecture knobs (`--override`, models/overrides.py): any knob on a random
+    preset, only `layers` (keep the first N) on a checkpoint.
 
     Raises:
         ModelLoadError: a missing path or package, an unsupported architecture, a malformed
@@ -84,7 +88,7 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype = "auto",
         raise ModelLoadError(str(error)) from error
     start = time.perf_counter()
     try:
-        model, tokenizer, max_len = _load_checkpoint(spec, seed)
+        model, tokenizer, max_len = _load_checkpoint(spec, seed, overrides or {})
     except (OSError, ValueError, KeyError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         raise ModelLoadError(f"cannot load {spec!r}: {message}") from error
@@ -95,10 +99,22 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype = "auto",
     return LoadedModel(model, tokenizer, spec, max_len, run_dtype, device)
 
 
-def _load_checkpoint(spec: str, seed: int) -> tuple[CausalLM, Tokenizer, int]:
+def _load_checkpoint(spec: str, seed: int, overrides: dict[str, str]) -> tuple[CausalLM, Tokenizer, int]:
     """Dispatch on the spec: built-in name, random preset, or a path by its kind."""
     if spec.startswith("random:"):
-        return presets.random_model(spec.removeprefix("random:"), seed)
+        return presets.random_model(spec.removeprefix("random:"), seed, overrides)
+    if set(overrides) - {"layers"}:
+        raise ValueError(f"only layers= applies to a checkpoint (its shapes are fixed); got {', '.join(sorted(overrides))}")
+    model, tokenizer, max_len = _load_file(spec)
+    if "layers" in overrides:
+        keep, have = int(overrides["layers"]) if overrides["layers"].isdigit() else 0, len(model.attention_layers())
+        if not 1 <= keep <= have:
+            raise ValueError(f"layers={keep}: a checkpoint of {have} layers keeps between 1 and {have}")
+        model.keep_first_layers(keep)
+    return model, tokenizer, max_len
+
+
+def _load_file(spec: str) -> tuple[CausalLM, Tokenizer, int]:
     path = builtin_model_path(spec) if spec == DEFAULT_MODEL else Path(spec).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"it is neither a built-in name ({DEFAULT_MODEL}, random:<preset>) nor an existing path")

@@ -11,6 +11,7 @@ import torch
 from models.base import CausalLM
 from models.deepseek import DEEPSEEK_PRESETS, DeepseekConfig, DeepseekModel
 from models.gpt2 import GPT2, GPT2_PRESETS, GPT2Config
+from models.overrides import apply_overrides
 from models.qwen import QWEN_PRESETS, QwenConfig, QwenModel
 
 TINY_PRESETS = {
@@ -43,22 +44,32 @@ def preset_names() -> list[str]:
     return sorted([*GPT2_PRESETS, *QWEN_PRESETS, *DEEPSEEK_PRESETS, *TINY_PRESETS])
 
 
-def random_model(name: str, seed: int = 0) -> tuple[CausalLM, "Tokenizer", int]:
-    """A seeded random model in the shapes of preset `name`, with its family's tokenizer."""
+def random_model(name: str, seed: int = 0, overrides: dict[str, str] | None = None) -> tuple[CausalLM, "Tokenizer", int]:
+    """A seeded random model in the shapes of preset `name`, with its family's tokenizer.
+
+    overrides: architecture knobs (models/overrides.py), checked before any tensor is built.
+    """
     from models.tokenizer import gpt2_tokenizer, qwen_tokenizer
 
     family, shape = _lookup(name)
-    torch.manual_seed(seed)
+    if overrides:
+        shape = apply_overrides(family, shape, overrides)
     if family == "gpt2":
-        config = GPT2Config(**shape)
-        model, tokenizer, max_len = GPT2(config), gpt2_tokenizer(), config.n_positions
+        config, tokenizer = GPT2Config(**shape), gpt2_tokenizer()
     elif family == "deepseek":
-        config = DeepseekConfig(**shape)
-        model, tokenizer, max_len = DeepseekModel(config), qwen_tokenizer(), config.max_position_embeddings
+        config, tokenizer = DeepseekConfig(**shape), qwen_tokenizer()
     else:
         config = QwenConfig(**shape)
-        model, max_len = QwenModel(config), config.max_position_embeddings
         tokenizer = _smollm2_tokenizer() if config.vocab_size == 49152 else qwen_tokenizer()
+    if config.vocab_size < tokenizer.vocab_size:
+        raise ValueError(f"vocab={config.vocab_size}: must be at least the tokenizer's {tokenizer.vocab_size} tokens")
+    torch.manual_seed(seed)
+    if family == "gpt2":
+        model, max_len = GPT2(config), config.n_positions
+    elif family == "deepseek":
+        model, max_len = DeepseekModel(config), config.max_position_embeddings
+    else:
+        model, max_len = QwenModel(config), config.max_position_embeddings
     init_weights(model)
     return model, tokenizer, max_len
 

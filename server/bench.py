@@ -167,7 +167,7 @@ def roofline(loaded: LoadedModel, result: BenchResult, peak_gflops: float, read_
 
 
 def run_bench(args) -> int:
-    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device, overrides=args.override)
     torch.manual_seed(0)
     prompts = make_prompts(args.num_prompts, args.input_len, loaded.tokenizer.vocab_size, args.scenario == "shared-prefix")
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,

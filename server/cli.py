@@ -42,6 +42,9 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--log-level", default="info")
+    from server.api.server_config import add_override_argument
+
+    add_override_argument(p)
 
 
 def _add_serve(sub) -> None:

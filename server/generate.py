@@ -11,7 +11,7 @@ from server.engine.sampling_params import SamplingParams
 
 
 def generate_to_stdout(args) -> int:
-    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device, overrides=args.override)
     engine = Engine(loaded, EngineConfig(max_num_seqs=1, kv_cache_memory=256 * 2**20))
     tokenizer = loaded.tokenizer
     text = args.prompt

@@ -80,7 +80,7 @@ async def _load_and_serve(app: FastAPI, config: ServerConfig) -> None:
 
 
 def _build_engine(config: ServerConfig) -> Engine:
-    loaded = load_model(config.model, dtype=config.dtype, device=config.device)
+    loaded = load_model(config.model, dtype=config.dtype, device=config.device, overrides=config.overrides)
     return Engine(loaded, config.engine)
 
 

@@ -26,6 +26,7 @@ class ServerConfig:
     log_level: str = "info"
     shutdown_timeout_s: float = 30.0       # SIGTERM: in-flight requests get this long to finish
     engine: EngineConfig = field(default_factory=EngineConfig)
+    overrides: dict[str, str] = field(default_factory=dict)  # --override architecture knobs
 
     @property
     def model_name(self) -> str:
@@ -55,6 +56,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     """Every serve flag, with its NANOSERVE_<FLAG> environment default."""
     e = EngineConfig()
     p.add_argument("--model", default=_env("model", DEFAULT_MODEL), help="model spec (env NANOSERVE_MODEL)")
+    add_override_argument(p, _env("override", None))
     p.add_argument("--served-model-name", default=_env("served_model_name", None), help="name clients use (default: --model)")
     p.add_argument("--host", default=_env("host", "127.0.0.1"))
     p.add_argument("--port", type=int, default=int(_env("port", 8000)))
@@ -93,6 +95,21 @@ def add_speculative_arguments(p: argparse.ArgumentParser) -> None:
                    help="n-gram lookup: the longest suffix looked up")
 
 
+def add_override_argument(p: argparse.ArgumentParser, default: str | None = None) -> None:
+    """--override (serve, generate, bench): architecture knobs, parsed into a dict."""
+    from models.overrides import parse_overrides
+
+    def knobs(text: str) -> dict[str, str]:
+        try:
+            return parse_overrides(text)
+        except ValueError as error:  # argparse prints an ArgumentTypeError's own sentence
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    p.add_argument("--override", type=knobs, default=parse_overrides(default), metavar="KNOB=VALUE,...",
+                   help="random presets: layers, heads, kv_heads, hidden, intermediate, head_dim, rope_theta, vocab, "
+                        "tie_embeddings, ... (a checkpoint: layers only)")
+
+
 def add_mla_argument(p: argparse.ArgumentParser) -> None:
     """--mla-mode (serve and bench): how DeepSeek models' decode attention reads the latent cache."""
     p.add_argument("--mla-mode", choices=["absorbed", "naive"], default=_env("mla_mode", "absorbed"),
@@ -126,5 +143,5 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
         model=args.model, served_model_name=args.served_model_name, host=args.host, port=args.port,
         dtype=args.dtype, device=args.device, api_key=args.api_key, max_queue=args.max_queue,
         max_request_bytes=args.max_request_bytes, log_level=args.log_level,
-        shutdown_timeout_s=args.shutdown_timeout, engine=engine,
+        shutdown_timeout_s=args.shutdown_timeout, engine=engine, overrides=args.override,
     )
