@@ -17,7 +17,7 @@ import re
 import torch
 
 from models.deepseek import DeepseekConfig, DeepseekModel
-from models.hf_checkpoint import deinterleave_rope_rows
+from models.hf_checkpoint import deinterleave_rope_rows, hf_to_qwen_state_dict
 
 LAYER_NAMES = {
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
@@ -69,7 +69,8 @@ def deepseek2_config(meta, tensors: dict[str, torch.Tensor]) -> DeepseekConfig:
 
 
 def deepseek2_state_dict(tensors: dict[str, torch.Tensor], config: DeepseekConfig) -> dict[str, torch.Tensor]:
-    """GGUF tensors -> our parameter names: kv_b re-joined, experts fused [gate; up], RoPE rows de-interleaved."""
+    """GGUF tensors -> HF names (kv_b re-joined, experts stacked [gate; up]), then the HF path's
+    gate/up fusion and RoPE de-interleave."""
     out, parts = {}, {}
     for name, value in tensors.items():
         match = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name)
@@ -95,13 +96,7 @@ def deepseek2_state_dict(tensors: dict[str, torch.Tensor], config: DeepseekConfi
         if "ffn_gate_exps" in p:  # (E, I, C) x 2 -> (E, 2I, C); down (E, C, I)
             out[f"{prefix}.mlp.experts.gate_up_proj"] = torch.cat((p["ffn_gate_exps"], p["ffn_up_exps"]), dim=1)
             out[f"{prefix}.mlp.experts.down_proj"] = p["ffn_down_exps"]
-    for key in [k for k in out if k.endswith(".mlp.gate_proj.weight") or k.endswith(".shared_experts.gate_proj.weight")]:
-        up = out.pop(key.replace("gate_proj", "up_proj"))
-        out[key.replace("gate_proj", "gate_up_proj")] = torch.cat((out.pop(key), up))
-    hf_like = {"model_type": "deepseek_v2", "num_attention_heads": config.num_attention_heads,
-               "qk_rope_head_dim": config.qk_rope_head_dim, "qk_nope_head_dim": config.qk_nope_head_dim,
-               "kv_lora_rank": config.kv_lora_rank}
-    return deinterleave_rope_rows(out, hf_like)
+    return deinterleave_rope_rows(hf_to_qwen_state_dict(out), config)
 
 
 def build_deepseek2(meta, tensors: dict[str, torch.Tensor]) -> tuple[DeepseekModel, dict[str, torch.Tensor], int]:

@@ -107,16 +107,14 @@ def stack_experts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def deinterleave_rope_rows(tensors: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+def deinterleave_rope_rows(tensors: dict[str, torch.Tensor], config: DeepseekConfig) -> dict[str, torch.Tensor]:
     """Reorder the RoPE output rows of q and kv_a from pairs (x0 x1)(x2 x3).. to halves (x0 x2 ..)(x1 x3 ..).
 
     Applied to q and k alike, the permutation leaves q.k unchanged and lets the interleaved
     rotation become the "rotate half" one of models/layers.py.
     """
-    if config["model_type"] == "deepseek_v3" and not config.get("rope_interleave", True):
-        return tensors
-    heads, rope = config["num_attention_heads"], config["qk_rope_head_dim"]
-    head_dim, latent = config["qk_nope_head_dim"] + rope, config["kv_lora_rank"]
+    heads, rope = config.num_attention_heads, config.qk_rope_head_dim
+    head_dim, latent = config.qk_nope_head_dim + rope, config.kv_lora_rank
     perm = torch.cat((torch.arange(0, rope, 2), torch.arange(1, rope, 2)))  # (R,)
     out = dict(tensors)
     for key, value in tensors.items():
@@ -170,7 +168,9 @@ def load_hf_dir(path: Path) -> tuple[torch.nn.Module, "Tokenizer", int]:
     else:
         state_dict = hf_to_qwen_state_dict(tensors)
         if config["model_type"].startswith("deepseek"):
-            state_dict = deinterleave_rope_rows(drop_mtp_layers(state_dict, config["num_hidden_layers"]), config)
+            state_dict = drop_mtp_layers(state_dict, config["num_hidden_layers"])
+            if config["model_type"] == "deepseek_v2" or config.get("rope_interleave", True):  # V2 always pairs
+                state_dict = deinterleave_rope_rows(state_dict, model.config)
     load_state_dict(model, state_dict)
     if (path / "tokenizer.json").is_file():
         tokenizer = tokenizer_from_hf_dir(path)

@@ -11,6 +11,7 @@ import time
 import torch
 
 from models.gpt2 import GPT2
+from models.qwen import QwenModel
 from models.loader import LoadedModel
 from server.bench_results import BenchResult
 
@@ -57,7 +58,7 @@ def to_transformers(loaded: LoadedModel) -> torch.nn.Module:
     import transformers
 
     model = loaded.model
-    if not isinstance(model, GPT2) and (not hasattr(model.config, "qkv_bias") or model.config.num_experts):
+    if not (isinstance(model, GPT2) or isinstance(model, QwenModel) and not model.config.num_experts):
         raise ValueError("--baseline hf covers the dense families (GPT-2, Qwen, Llama); "
                          "use --baseline naive for MoE and MLA models")
     if isinstance(model, GPT2):
