@@ -30,6 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from models.fused_attention import fused_decode_attention
@@ -156,6 +157,19 @@ def paged_attention(
             keys, values = gather_kv(kv_cache, meta.block_tables[s], seq_lens[s])  # (L, KVH, D)
         out[lo:hi] = _prefill_attention(q[lo:hi], keys, values, scale)
     return out
+
+
+class PagedAttention(nn.Module):
+    """`paged_attention` as a module, so forward hooks (`nanoserve trace`) see q, k, v after the
+    head split and the attention output; it holds no weights. Its owner binds `kv_cache`."""
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache | None,
+                meta: AttentionMetadata) -> torch.Tensor:
+        return paged_attention(q, k, v, kv_cache, meta, self.scale)  # (N, H, D)
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache, slot_mapping: torch.Tensor) -> None:

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.attention import AttentionMetadata, paged_attention
+from models.attention import AttentionMetadata, PagedAttention
 from models.base import CausalLM, KVCacheSpec
 from models.fast_linear import linear_gelu_tanh
 
@@ -54,6 +54,7 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.head_dim = config.n_head, config.head_dim
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.paged_attn = PagedAttention(self.head_dim**-0.5)
         self.kv_cache = None
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -61,7 +62,7 @@ class CausalSelfAttention(nn.Module):
         q = q.view(-1, self.n_head, self.head_dim)  # (N, H, D)
         k = k.view(-1, self.n_head, self.head_dim)
         v = v.view(-1, self.n_head, self.head_dim)
-        y = paged_attention(q, k, v, self.kv_cache, meta, self.head_dim**-0.5)  # (N, H, D)
+        y = self.paged_attn(q, k, v, self.kv_cache, meta)  # (N, H, D)
         return self.c_proj(y.flatten(1))  # (N, C)
 
 

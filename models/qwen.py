@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from models.attention import AttentionMetadata, paged_attention
+from models.attention import AttentionMetadata, PagedAttention
 from models.base import KVCacheSpec, RotaryDecoderLM
 from models.layers import GatedMLP, RMSNorm, apply_rotary
 from models.moe import MoEConfig, SparseMoE
@@ -133,6 +133,7 @@ class Attention(nn.Module):
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.paged_attn = PagedAttention(self.head_dim**-0.5)
         self.kv_cache = None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
@@ -144,7 +145,7 @@ class Attention(nn.Module):
             qk = torch.cat((self.q_norm(qk[:, :H]), self.k_norm(qk[:, H:])), dim=1)
         qk = apply_rotary(qk, *rope)
         q, k = qk[:, :H], qk[:, H:]  # (N, H, D), (N, KVH, D)
-        y = paged_attention(q, k, v, self.kv_cache, meta, D**-0.5)  # (N, H, D)
+        y = self.paged_attn(q, k, v, self.kv_cache, meta)  # (N, H, D)
         return self.o_proj(y.flatten(1))  # (N, H*D) -> (N, C)
 
 
