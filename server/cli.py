@@ -17,6 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_generate(sub)
     _add_bench(sub)
     _add_loadtest(sub)
+    _add_trace(sub)
     args = parser.parse_args(argv)
     _use_all_cores()
     logging.basicConfig(level=getattr(args, "log_level", "INFO").upper(),
@@ -125,6 +126,24 @@ def _run_loadtest(args) -> int:
     from loadtest.sweep import run
 
     return run(args)
+
+
+def _add_trace(sub) -> None:
+    p = sub.add_parser("trace", help="every module's shapes through a real prefill and decode steps")
+    _add_model_flags(p)
+    p.add_argument("--prompt", action="append", default=None,
+                   help="prompt text (repeat for a batch of sequences; default: one short sentence)")
+    p.add_argument("--decode-steps", type=int, default=1)
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    p.add_argument("--all-layers", action="store_true", help="print every layer, not only the first of each shape")
+    p.add_argument("--json", action="store_true", help="print the trace as JSON instead of a tree")
+    p.set_defaults(run=_run_trace)
+
+
+def _run_trace(args) -> int:
+    from server.lab.trace import trace_to_stdout
+
+    return trace_to_stdout(args)
 
 
 if __name__ == "__main__":
