@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from models.base import CausalLM
+from models.base import CausalLM, KVCacheSpec
 from models.deepseek import DEEPSEEK_PRESETS, DeepseekConfig, DeepseekModel
 from models.gpt2 import GPT2, GPT2_PRESETS, GPT2Config
 from models.overrides import apply_overrides
@@ -64,14 +64,25 @@ def random_model(name: str, seed: int = 0, overrides: dict[str, str] | None = No
     if config.vocab_size < tokenizer.vocab_size:
         raise ValueError(f"vocab={config.vocab_size}: must be at least the tokenizer's {tokenizer.vocab_size} tokens")
     torch.manual_seed(seed)
-    if family == "gpt2":
-        model, max_len = GPT2(config), config.n_positions
-    elif family == "deepseek":
-        model, max_len = DeepseekModel(config), config.max_position_embeddings
-    else:
-        model, max_len = QwenModel(config), config.max_position_embeddings
+    model = _build(family, config)
     init_weights(model)
-    return model, tokenizer, max_len
+    return model, tokenizer, model.max_positions
+
+
+def preset_footprint(name: str, overrides: dict[str, str] | None = None) -> tuple[int, KVCacheSpec]:
+    """Parameter count and KV layout of preset `name` with `overrides`, from a model built on
+    the meta device: exact, and no memory spent (the sweep's fits-in-memory check)."""
+    family, shape = _lookup(name)
+    if overrides:
+        shape = apply_overrides(family, shape, overrides)
+    config = {"gpt2": GPT2Config, "deepseek": DeepseekConfig, "qwen": QwenConfig}[family](**shape)
+    with torch.device("meta"):
+        model = _build(family, config)
+    return sum(p.numel() for p in model.parameters()), model.kv_cache_spec
+
+
+def _build(family: str, config) -> CausalLM:
+    return {"gpt2": GPT2, "deepseek": DeepseekModel, "qwen": QwenModel}[family](config)
 
 
 def _lookup(name: str) -> tuple[str, dict]:

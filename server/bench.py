@@ -97,13 +97,14 @@ def run_engine(loaded: LoadedModel, prompts: list[list[int]], output_len: int, c
         engine.add_request(f"bench-{i}", prompt, params)
     decode_steps: dict[int, list[float]] = {}
     decode_contexts: dict[int, list[int]] = {}  # tokens of context the step's sequences attend to
-    start, num_out, drafted, accepted = time.perf_counter(), 0, 0, 0
+    start, num_out, drafted, accepted, ttfts = time.perf_counter(), 0, 0, 0, []
     while engine.has_unfinished():
         context = sum(seq.num_computed_tokens + 1 for seq in engine.scheduler.running)
         step_start = time.perf_counter()
         _, stats = engine.step()
         _sync(loaded.device)
         num_out += stats.num_generation_tokens
+        ttfts += stats.time_to_first_tokens
         drafted, accepted = drafted + stats.num_spec_draft_tokens, accepted + stats.num_spec_accepted_tokens
         if stats.batch_size and stats.num_batched_tokens == stats.batch_size:  # decode only
             decode_steps.setdefault(stats.batch_size, []).append(time.perf_counter() - step_start)
@@ -116,6 +117,7 @@ def run_engine(loaded: LoadedModel, prompts: list[list[int]], output_len: int, c
              "decode_step_ms_median": {b: round(1000 * statistics.median(t), 2) for b, t in sorted(decode_steps.items())},
              "decode_step_counts": {b: len(t) for b, t in sorted(decode_steps.items())},
              "decode_context_tokens_median": {b: int(statistics.median(c)) for b, c in sorted(decode_contexts.items())},
+             "ttft_ms_median": round(1000 * statistics.median(ttfts), 1),  # queued at once: batch prefill
              "preemptions": engine.scheduler.num_preemptions,
              "prefix_hit_tokens": engine.block_manager.num_prefix_hit_tokens}
     if config.speculative is not None:
@@ -168,6 +170,7 @@ def roofline(loaded: LoadedModel, result: BenchResult, peak_gflops: float, read_
 
 def run_bench(args) -> int:
     loaded = load_model(args.model, dtype=args.dtype, device=args.device, overrides=args.override)
+    num_params = sum(p.numel() for p in loaded.model.parameters())  # before packing changes the layouts
     torch.manual_seed(0)
     prompts = make_prompts(args.num_prompts, args.input_len, loaded.tokenizer.vocab_size, args.scenario == "shared-prefix")
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
@@ -187,6 +190,7 @@ def run_bench(args) -> int:
     results[0].extra.update(roofline(loaded, results[0], peak, read_gbps))
     results[0].extra["peak_rss_gib"] = round(peak_rss_gib(), 2)
     results[0].extra["weights_gib"] = round(weights_gib(loaded.model), 2)
+    results[0].extra["params_m"] = round(num_params / 1e6, 1)
     results[0].extra["kv_cache_gib"] = results[0].extra.pop("kv_cache_gib")
     results[0].extra["kv_bytes_per_token"] = loaded.model.kv_cache_spec.bytes_per_block(1, loaded.dtype)
     if args.baseline == "hf":
