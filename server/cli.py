@@ -19,6 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_loadtest(sub)
     _add_trace(sub)
     _add_eval(sub)
+    _add_sweep(sub)
     args = parser.parse_args(argv)
     _use_all_cores()
     logging.basicConfig(level=getattr(args, "log_level", "INFO").upper(),
@@ -164,6 +165,20 @@ def _run_perplexity(args) -> int:
     from server.lab.eval_cli import perplexity_to_stdout
 
     return perplexity_to_stdout(args)
+
+
+def _add_sweep(sub) -> None:
+    from server.lab.sweep_cli import add_sweep_arguments
+
+    p = sub.add_parser("sweep", help="offline bench over a grid of models x knobs x dtypes x batch x lengths")
+    add_sweep_arguments(p)
+    p.set_defaults(run=_run_sweep)
+
+
+def _run_sweep(args) -> int:
+    from server.lab.sweep_cli import run
+
+    return run(args)
 
 
 if __name__ == "__main__":
