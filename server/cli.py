@@ -143,7 +143,7 @@ def _add_trace(sub) -> None:
 
 
 def _run_trace(args) -> int:
-    from server.lab.trace import trace_to_stdout
+    from server.lab.trace_cli import trace_to_stdout
 
     return trace_to_stdout(args)
 
