@@ -273,6 +273,19 @@ class TokenizeResponse(BaseModel):
     count: int
 
 
+class TokenizerInfoResponse(BaseModel):
+    """GET /tokenizer_info, shaped like vLLM's: lm-evaluation-harness reads the special tokens
+    (and the chat template) from it, then tokenizes through /tokenize."""
+
+    tokenizer_class: str
+    bos_token: str | None
+    eos_token: str | None      # always present, null when the vocabulary has none
+    add_bos_token: bool        # whether /tokenize with add_special_tokens prepends bos_token
+    chat_template: str | None
+    vocab_size: int
+    model_max_length: int
+
+
 class DetokenizeRequest(OpenAIModel):
     model: str | None = None
     tokens: list[int]

@@ -8,7 +8,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from server.api import __version__
 from server.api.errors import ERROR_RESPONSES, APIError, error_body
 from server.api.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
-                                 DetokenizeResponse, TokenizeRequest, TokenizeResponse)
+                                 DetokenizeResponse, TokenizeRequest, TokenizeResponse,
+                                 TokenizerInfoResponse)
 from server.api.responses import (ChatCompletionResponse, CompletionResponse, ModelCard, ModelList,
                                   VersionResponse)
 from server.api.serving.state import ServingState
@@ -51,6 +52,11 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
 @router.post("/detokenize", response_model=DetokenizeResponse, responses=ERROR_RESPONSES)
 async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
     return _serving(request).tokens.detokenize(body)
+
+
+@router.get("/tokenizer_info", response_model=TokenizerInfoResponse, responses=ERROR_RESPONSES)
+async def tokenizer_info(request: Request) -> TokenizerInfoResponse:
+    return _serving(request).tokens.tokenizer_info()
 
 
 @router.get("/health", responses={503: ERROR_RESPONSES[503]})
