@@ -24,6 +24,7 @@ import torch
 from models.attention import DecodeWorkspace, build_attention_metadata
 from models.fast_linear import pack_linear_layers
 from models.fused_attention import decode_kernel, describe_decode_path
+from models.layers import RMSNorm, rms_norm_kernel
 from models.loader import LoadedModel
 from models.mla import MLA_PATHS
 from models.moe import drain_expert_load, moe_layers
@@ -77,6 +78,8 @@ class ModelRunner:
         if fast_kernels:
             pack_linear_layers(self.model)
             self.use_fused_decode = self.device.type == "cpu" and decode_kernel() is not None and not is_mla
+            if self.device.type == "cpu" and any(isinstance(m, RMSNorm) for m in self.model.modules()):
+                rms_norm_kernel()  # built (or loaded) now, not inside the first request's prefill
         if is_mla:
             log.info("decode attention: MLA %s (%s)", mla_mode, MLA_PATHS[mla_mode])
         elif self.use_fused_decode:
