@@ -34,6 +34,7 @@ def test_two_point_sweep_writes_results_plots_and_wandb_runs(tmp_path, monkeypat
     assert [(r["batch_size"], r["status"]) for r in rows] == [("1", "ok"), ("2", "ok")]
     for row in rows:
         assert float(row["output_tok_s"]) > 0 and float(row["decode_step_ms"]) > 0
+        assert float(row["decode_tok_s"]) == pytest.approx(1000 * int(row["batch_size"]) / float(row["decode_step_ms"]), rel=0.01)
         assert int(row["decode_batch"]) == int(row["batch_size"])  # the decode steps ran at the point's batch
         assert row["kv_bytes_per_token"] == str(2 * 2 * 64 * 4)  # K,V x 2 layers x C=64 x float32
     data = json.loads((run_dir / "results.json").read_text())

@@ -129,8 +129,11 @@ def flatten_bench(bench: dict) -> dict:
     keys = ("params_m", "weights_gib", "kv_bytes_per_token", "kv_cache_gib", "peak_rss_gib", "ttft_ms_median",
             "decode_batch", "decode_step_ms", "achieved_gflops", "peak_gflops", "roofline_fraction",
             "achieved_read_gbps", "measured_read_gbps", "memory_roofline_fraction")
-    return {"output_tok_s": round(bench["output_tokens_per_s"], 2), "total_tok_s": round(bench["total_tokens_per_s"], 2),
-            "elapsed_s": round(bench["elapsed_s"], 2), **{k: extra.get(k) for k in keys}}
+    step_ms = extra.get("decode_step_ms")
+    decode_tok_s = round(1000 * extra["decode_batch"] / step_ms, 2) if step_ms else None  # batch / median step
+    return {"output_tok_s": round(bench["output_tokens_per_s"], 2), "decode_tok_s": decode_tok_s,
+            "total_tok_s": round(bench["total_tokens_per_s"], 2), "elapsed_s": round(bench["elapsed_s"], 2),
+            **{k: extra.get(k) for k in keys}}
 
 
 def run_sweep(points: list[SweepPoint], run_dir: Path, memory_budget: int, on_result=None) -> list[PointResult]:

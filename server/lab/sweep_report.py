@@ -1,6 +1,7 @@
 """A sweep's results on disk: results.csv, results.json and four plots.
 
-    throughput.png   output tok/s vs batch size, one line per model/knobs/dtype/lengths
+    throughput.png   output tok/s vs batch size, one line per model/knobs/dtype/lengths: end to end
+                     (prefill included) and decode only (batch / median decode step)
     ttft.png         median time to first token vs prompt length (the whole batch prefills at once)
     memory.png       peak RSS and weight GiB vs parameter count
     roofline.png     compute and memory roofline fraction of the median decode step, per point
@@ -16,7 +17,7 @@ from server.lab.sweep import PointResult, result_row
 
 COLUMNS = ["label", "model", "overrides", "dtype", "batch_size", "input_len", "output_len", "status", "reason",
            "estimate_gib", "params_m", "weights_gib", "kv_bytes_per_token", "kv_cache_gib", "peak_rss_gib",
-           "output_tok_s", "total_tok_s", "elapsed_s", "ttft_ms_median", "decode_batch", "decode_step_ms",
+           "output_tok_s", "decode_tok_s", "total_tok_s", "elapsed_s", "ttft_ms_median", "decode_batch", "decode_step_ms",
            "achieved_gflops", "peak_gflops", "roofline_fraction", "achieved_read_gbps", "measured_read_gbps",
            "memory_roofline_fraction"]
 PLOTS = ("throughput.png", "ttft.png", "memory.png", "roofline.png")
@@ -44,11 +45,13 @@ def write_plots(rows: list[dict], run_dir: Path) -> list[Path]:
         return []
     paths = []
     for name, draw in zip(PLOTS, (_throughput, _ttft, _memory, _roofline)):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        draw(ax, ok)
-        ax.grid(True, alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
+        wide = draw is _throughput
+        fig, axes = plt.subplots(1, 2 if wide else 1, figsize=(12 if wide else 7, 4.5), squeeze=False)
+        draw(*axes[0], ok)
+        for ax in axes[0]:
+            ax.grid(True, alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(run_dir / name, dpi=110)
         plt.close(fig)
@@ -66,11 +69,15 @@ def _series(rows: list[dict], x: str, fixed: tuple[str, ...]) -> dict[str, list[
     return {k: sorted(v, key=lambda r: r[x]) for k, v in groups.items()}
 
 
-def _throughput(ax, rows: list[dict]) -> None:
+def _throughput(end_to_end, decode, rows: list[dict]) -> None:
     for label, series in _series(rows, "batch_size", ("input_len", "output_len")).items():
-        ax.plot([r["batch_size"] for r in series], [r["output_tok_s"] for r in series], marker="o", label=label)
-    ax.set(xscale="log", xlabel="batch size (sequences decoding together)", ylabel="output tokens/s",
-           title="Throughput vs batch")
+        batches = [r["batch_size"] for r in series]
+        end_to_end.plot(batches, [r["output_tok_s"] for r in series], marker="o", label=label)
+        decode.plot(batches, [r["decode_tok_s"] for r in series], marker="o", label=label)
+    end_to_end.set(xscale="log", xlabel="batch size (sequences together)", ylabel="output tokens/s",
+                   title="End to end (prefill included)")
+    decode.set(xscale="log", xlabel="batch size (sequences decoding together)", ylabel="tokens/s",
+               title="Decode only: batch / median decode step")
 
 
 def _ttft(ax, rows: list[dict]) -> None:
