@@ -88,7 +88,7 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype = "auto",
         raise ModelLoadError(str(error)) from error
     start = time.perf_counter()
     try:
-        model, tokenizer, max_len = _load_checkpoint(spec, seed, overrides or {})
+        model, tokenizer, max_len = _load_checkpoint(spec, seed, overrides or {}, run_dtype)
     except (OSError, ValueError, KeyError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         raise ModelLoadError(f"cannot load {spec!r}: {message}") from error
@@ -99,10 +99,11 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype = "auto",
     return LoadedModel(model, tokenizer, spec, max_len, run_dtype, device)
 
 
-def _load_checkpoint(spec: str, seed: int, overrides: dict[str, str]) -> tuple[CausalLM, Tokenizer, int]:
-    """Dispatch on the spec: built-in name, random preset, or a path by its kind."""
+def _load_checkpoint(spec: str, seed: int, overrides: dict[str, str],
+                     dtype: torch.dtype) -> tuple[CausalLM, Tokenizer, int]:
+    """Dispatch on the spec: built-in name, random preset (built in `dtype`), or a path by its kind."""
     if spec.startswith("random:"):
-        return presets.random_model(spec.removeprefix("random:"), seed, overrides)
+        return presets.random_model(spec.removeprefix("random:"), seed, overrides, dtype)
     if set(overrides) - {"layers"}:
         raise ValueError(f"only layers= applies to a checkpoint (its shapes are fixed); got {', '.join(sorted(overrides))}")
     model, tokenizer, max_len = _load_file(spec)

@@ -44,10 +44,13 @@ def preset_names() -> list[str]:
     return sorted([*GPT2_PRESETS, *QWEN_PRESETS, *DEEPSEEK_PRESETS, *TINY_PRESETS])
 
 
-def random_model(name: str, seed: int = 0, overrides: dict[str, str] | None = None) -> tuple[CausalLM, "Tokenizer", int]:
+def random_model(name: str, seed: int = 0, overrides: dict[str, str] | None = None,
+                 dtype: torch.dtype = torch.float32) -> tuple[CausalLM, "Tokenizer", int]:
     """A seeded random model in the shapes of preset `name`, with its family's tokenizer.
 
     overrides: architecture knobs (models/overrides.py), checked before any tensor is built.
+    dtype: the weights are allocated in it directly (built on the meta device, then filled), so
+    loading gpt2-xl in bf16 never holds a float32 copy: peak memory is the served model's.
     """
     from models.tokenizer import gpt2_tokenizer, qwen_tokenizer
 
@@ -64,7 +67,9 @@ def random_model(name: str, seed: int = 0, overrides: dict[str, str] | None = No
     if config.vocab_size < tokenizer.vocab_size:
         raise ValueError(f"vocab={config.vocab_size}: must be at least the tokenizer's {tokenizer.vocab_size} tokens")
     torch.manual_seed(seed)
-    model = _build(family, config)
+    with torch.device("meta"):
+        model = _build(family, config)
+    model = _materialize(model, dtype)
     init_weights(model)
     return model, tokenizer, model.max_positions
 
@@ -79,6 +84,20 @@ def preset_footprint(name: str, overrides: dict[str, str] | None = None) -> tupl
     with torch.device("meta"):
         model = _build(family, config)
     return sum(p.numel() for p in model.parameters()), model.kv_cache_spec
+
+
+def _materialize(model: CausalLM, dtype: torch.dtype) -> CausalLM:
+    """Allocate a meta-device model's tensors on the CPU in `dtype` (uninitialized), keeping
+    tied parameters (the LM head and the embedding) one tensor."""
+    owners: dict[int, list[tuple[torch.nn.Module, str]]] = {}
+    for module in model.modules():
+        for attr, param in module.named_parameters(recurse=False):
+            owners.setdefault(id(param), []).append((module, attr))
+    model = model.to(dtype).to_empty(device="cpu")
+    for (first, first_attr), *others in (group for group in owners.values() if len(group) > 1):
+        for module, attr in others:
+            setattr(module, attr, getattr(first, first_attr))
+    return model
 
 
 def _build(family: str, config) -> CausalLM:
@@ -99,14 +118,17 @@ def _lookup(name: str) -> tuple[str, dict]:
 
 @torch.no_grad()
 def init_weights(model: CausalLM) -> None:
-    """GPT-2 style init: N(0, 0.02) matrices, zero biases, unit norms."""
+    """GPT-2 style init: N(0, 0.02) matrices (drawn in float32, one matrix at a time, then cast),
+    zero biases, unit norms, zero buffers."""
     for name, param in model.named_parameters():
         if param.dim() >= 2:
-            param.normal_(0.0, 0.02)
+            param.copy_(torch.empty(param.shape, device=param.device).normal_(0.0, 0.02))
         elif name.endswith("bias"):
             param.zero_()
         else:
             param.fill_(1.0)
+    for buffer in model.buffers():  # DeepSeek-V3's router bias
+        buffer.zero_()
 
 
 def _smollm2_tokenizer() -> "Tokenizer":
