@@ -169,9 +169,9 @@ def pack_linear_layers(model: nn.Module, use_small_batch: bool = True) -> int:
     takes it); returns how many. Logs which path the linears take on this CPU."""
     if not can_pack(model):
         return 0
-    targets = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear) and name != "lm_head"]
-    for name, linear in targets:
-        _replace(model, name, PackedLinear(linear, use_small_batch))
+    targets = [name for name, module in model.named_modules() if isinstance(module, nn.Linear) and name != "lm_head"]
+    for name in targets:  # names, not modules: each original weight is freed as soon as it is packed
+        _replace(model, name, PackedLinear(model.get_submodule(name), use_small_batch))
     packed_head = _pack_lm_head(model, use_small_batch)
     by_kernel = Counter(m.kernel.name for m in model.modules() if isinstance(m, PackedLinear) and m.kernel is not None)
     kernels = ", ".join(f"{count} with the {name} small-batch kernel" for name, count in by_kernel.items())
