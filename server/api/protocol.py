@@ -32,6 +32,12 @@ NO_OP_VALUES: dict[str, tuple] = {
     "function_call": (None, "none", "auto"), "modalities": (None, ["text"]), "audio": (None,),
     "prediction": (None,), "web_search_options": (None,), "reasoning_effort": (None,),
     "verbosity": (None,),
+    # SGLang-style fields that sglang-router / vllm-router add to every request, at the values
+    # that mean what nanoserve does anyway (trim stop strings, skip special tokens in the text,
+    # no hidden states, no reasoning parser)
+    "no_stop_trim": (False,), "skip_special_tokens": (True,), "return_hidden_states": (False,),
+    "continue_final_message": (False,), "separate_reasoning": (True,), "stream_reasoning": (True,),
+    "include_reasoning": (True,),
 }
 
 

@@ -44,6 +44,15 @@ async def list_models(request: Request) -> ModelList:
     return ModelList(data=[ModelCard(id=serving.model_name, max_model_len=serving.max_model_len)])
 
 
+@router.get("/get_model_info", responses=ERROR_RESPONSES)
+async def model_info(request: Request) -> dict:
+    """SGLang's model-info probe, which sglang-router and vllm-router send to each backend: the
+    served name is what the router then lists under /v1/models and routes `model` by."""
+    serving = _serving(request).completions
+    return {"model_path": serving.model_name, "tokenizer_path": None, "is_generation": True,
+            "max_model_len": serving.max_model_len}
+
+
 @router.post("/tokenize", response_model=TokenizeResponse, responses=ERROR_RESPONSES)
 async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     return await _serving(request).tokens.tokenize(body)
