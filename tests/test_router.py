@@ -81,6 +81,7 @@ def pair() -> Iterator[list[RunningServer]]:
 def test_round_robin_spreads_requests_over_both_replicas(pair):
     before = [counter(s, "nanoserve_request_success_total") for s in pair]
     with router(pair, "round_robin") as url:
+        assert [m["id"] for m in httpx.get(url + "/v1/models").json()["data"]] == [TINY_MODEL]  # from /server_info
         for i in range(8):
             response = complete(url, f"Request number {i} says hello")
             assert response.status_code == 200, response.text

@@ -44,13 +44,14 @@ async def list_models(request: Request) -> ModelList:
     return ModelList(data=[ModelCard(id=serving.model_name, max_model_len=serving.max_model_len)])
 
 
-@router.get("/get_model_info", responses=ERROR_RESPONSES)
+@router.get("/model_info", responses=ERROR_RESPONSES)
+@router.get("/server_info", responses=ERROR_RESPONSES)
 async def model_info(request: Request) -> dict:
-    """SGLang's model-info probe, which sglang-router and vllm-router send to each backend: the
-    served name is what the router then lists under /v1/models and routes `model` by."""
+    """SGLang's metadata probes, which sglang-router (and vllm-router) send to each backend: the
+    served name is the model the router lists under /v1/models and routes requests by."""
     serving = _serving(request).completions
-    return {"model_path": serving.model_name, "tokenizer_path": None, "is_generation": True,
-            "max_model_len": serving.max_model_len}
+    return {"model_path": serving.model_name, "served_model_name": serving.model_name, "tokenizer_path": None,
+            "is_generation": True, "max_context_length": serving.max_model_len, "tp_size": 1, "dp_size": 1}
 
 
 @router.post("/tokenize", response_model=TokenizeResponse, responses=ERROR_RESPONSES)
