@@ -19,19 +19,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_healthy(url: str, timeout_s: float, process: subprocess.Popen | None = None) -> None:
-    """Poll GET /health until it answers 200; raise if the process dies or time runs out."""
+def wait_healthy(url: str, timeout_s: float, process: subprocess.Popen | None = None, path: str = "/health") -> None:
+    """Poll GET `path` until it answers 200; raise if the process dies or time runs out."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
             raise RuntimeError(f"server exited with code {process.returncode} before it was healthy")
         try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
+            if httpx.get(url + path, timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
         time.sleep(0.25)
-    raise TimeoutError(f"{url}/health not healthy after {timeout_s:.0f} s")
+    raise TimeoutError(f"{url}{path} not healthy after {timeout_s:.0f} s")
 
 
 class ServerProcess:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +18,7 @@ import pytest
 pytest_plugins = ["tests.api_fixtures"]
 pytest.register_assert_rewrite("tests.api_fixtures")
 
+from loadtest.launcher import wait_healthy  # noqa: E402
 from tests.api_fixtures import TINY_MODEL, RunningServer, free_port, run_server  # noqa: E402
 
 WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa".split()
@@ -35,18 +37,15 @@ def router(workers: list[RunningServer], policy: str, *extra: str) -> Iterator[s
     command = [sys.executable, "-m", "sglang_router.launch_router", "--host", "127.0.0.1", "--port", str(port),
                "--worker-urls", *[w.url for w in workers], "--policy", policy,
                "--prometheus-port", str(free_port()), "--log-level", "warn", *extra]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, proc.stderr.read()[-3000:]
-            try:
-                if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+        try:
+            wait_healthy(url, 60, proc, path="/v1/models")  # 200 once the workers are registered
+        except (RuntimeError, TimeoutError):
+            log.seek(0)
+            raise AssertionError(log.read().decode(errors="replace")[-3000:]) from None
         yield url
     finally:
         proc.terminate()
@@ -54,6 +53,7 @@ def router(workers: list[RunningServer], policy: str, *extra: str) -> Iterator[s
             proc.wait(20)
         except subprocess.TimeoutExpired:
             proc.kill()
+        log.close()
 
 
 def complete(url: str, prompt: str, max_tokens: int = 4) -> httpx.Response:

@@ -75,10 +75,10 @@ def window_nll(loaded: LoadedModel, tokens: list[int], windows: list[tuple[int, 
                max_num_seqs: int = 4) -> float:
     """Summed negative log-likelihood (nats) of every window's scored positions, via the engine."""
     window = max(end - begin for begin, end, _ in windows)
+    block_size = 16
     engine = Engine(loaded, EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max(2048, window),
-                                         max_model_len=window, enable_prefix_caching=False,
-                                         kv_cache_memory=loaded.model.kv_cache_spec.bytes_per_block(
-                                             16, loaded.dtype) * max_num_seqs * (-(-window // 16) + 1)))
+                                         max_model_len=window, enable_prefix_caching=False, block_size=block_size,
+                                         num_kv_blocks=max_num_seqs * (-(-window // block_size) + 1)))
     params = SamplingParams(temperature=0.0, max_tokens=0, prompt_logprobs=0)
     for i, (begin, end, _) in enumerate(windows):
         engine.add_request(str(i), tokens[begin:end], params)

@@ -69,7 +69,7 @@ def run(args) -> int:
     budget = args.memory_limit or available_bytes()
     if args.dry_run:
         for point in points:
-            sizes = footprint(point) if point.model.startswith("random:") else None
+            sizes = footprint(point)  # None for checkpoints
             print(f"{point.label}: weights {'?' if sizes is None else f'{sizes[0] / 2**30:.2f} GiB'}")
         return 0
     run_dir = new_run_dir(Path(args.out))
