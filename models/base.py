@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from models.attention import AttentionMetadata, KVCache, build_attention_metadata
 from models.layers import PreNormBlock, RMSNorm, RotaryEmbedding
+from models.parallel import VocabParallel
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,7 @@ class RotaryDecoderLM(CausalLM):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.vocab_parallel = VocabParallel()  # tensor parallel: each rank holds a slice of V
 
     def attention_layers(self) -> list[nn.Module]:
         return [layer.self_attn for layer in self.model.layers]
@@ -134,12 +136,12 @@ class RotaryDecoderLM(CausalLM):
         self.config.num_hidden_layers = num_layers
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        x = self.model.embed_tokens(input_ids)  # (N, C)
+        x = self.vocab_parallel.embed(self.model.embed_tokens, input_ids)  # (N, C)
         rope = self.rotary.tables(positions)  # (N, 1, D) cos and signed sin, shared by every layer
         for layer in self.model.layers:
             x = layer(x, rope, meta)
         return self.model.norm(x)  # (N, C)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)  # (M, C) -> (M, V)
+        return self.vocab_parallel.gather_logits(self.lm_head(hidden))  # (M, C) -> (M, V)
 

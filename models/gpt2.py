@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from models.attention import AttentionMetadata, PagedAttention
 from models.base import CausalLM, KVCacheSpec
 from models.fast_linear import linear_gelu_tanh
+from models.parallel import AllReduce, VocabParallel
 
 
 @dataclass
@@ -58,7 +59,7 @@ class CausalSelfAttention(nn.Module):
         self.kv_cache = None
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        q, k, v = self.c_attn(x).split(x.shape[-1], dim=-1)  # (N, 3C) -> 3 x (N, C)
+        q, k, v = self.c_attn(x).split(self.n_head * self.head_dim, dim=-1)  # (N, 3C) -> 3 x (N, C)
         q = q.view(-1, self.n_head, self.head_dim)  # (N, H, D)
         k = k.view(-1, self.n_head, self.head_dim)
         v = v.view(-1, self.n_head, self.head_dim)
@@ -87,10 +88,11 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=eps, bias=config.bias)
         self.mlp = MLP(config)
+        self.reduce = AllReduce()  # tensor parallel: sums the ranks' partial outputs (models/parallel.py)
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), meta)
-        return x + self.mlp(self.ln_2(x))
+        x = x + self.reduce(self.attn(self.ln_1(x), meta))
+        return x + self.reduce(self.mlp(self.ln_2(x)))
 
 
 class GPT2(CausalLM):
@@ -106,6 +108,7 @@ class GPT2(CausalLM):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied
+        self.vocab_parallel = VocabParallel()  # tensor parallel: each rank holds a slice of V
 
     @property
     def kv_cache_spec(self) -> KVCacheSpec:
@@ -120,10 +123,10 @@ class GPT2(CausalLM):
         self.config.n_layer = num_layers
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        x = self.transformer.wte(input_ids) + self.transformer.wpe(positions)  # (N, C)
+        x = self.vocab_parallel.embed(self.transformer.wte, input_ids) + self.transformer.wpe(positions)  # (N, C)
         for block in self.transformer.h:
             x = block(x, meta)
         return self.transformer.ln_f(x)  # (N, C)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)  # (M, C) -> (M, V)
+        return self.vocab_parallel.gather_logits(self.lm_head(hidden))  # (M, C) -> (M, V)

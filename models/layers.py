@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.cpu_kernels import load_kernel
+from models.parallel import AllReduce
 
 
 class RMSNorm(nn.Module):
@@ -64,10 +65,11 @@ class PreNormBlock(nn.Module):
         self.self_attn = self_attn
         self.post_attention_layernorm = RMSNorm(dim, eps)
         self.mlp = mlp
+        self.reduce = AllReduce()  # tensor parallel: sums the ranks' partial outputs (models/parallel.py)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.reduce(self.self_attn(self.input_layernorm(x), rope, meta))
+        return x + self.reduce(self.mlp(self.post_attention_layernorm(x)))
 
 
 class RotaryEmbedding(nn.Module):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,6 +36,8 @@ class LoadedModel:
     max_model_len: int
     dtype: torch.dtype
     device: torch.device
+    seed: int = 0                      # with name, dtype and overrides: how to load it again
+    overrides: dict[str, str] = field(default_factory=dict)  # (a tensor-parallel worker does)
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
@@ -96,7 +98,7 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype = "auto",
     num_params = sum(p.numel() for p in model.parameters())
     log.info("loaded %s: %.1fM parameters, %s on %s in %.1fs", spec, num_params / 1e6,
              str(run_dtype).removeprefix("torch."), device, time.perf_counter() - start)
-    return LoadedModel(model, tokenizer, spec, max_len, run_dtype, device)
+    return LoadedModel(model, tokenizer, spec, max_len, run_dtype, device, seed, dict(overrides or {}))
 
 
 def _load_checkpoint(spec: str, seed: int, overrides: dict[str, str],

@@ -84,11 +84,15 @@ class TopKRouter(nn.Module):
 
 
 class Experts(nn.Module):
-    """E SwiGLU experts stored as stacked weights: gate_up_proj (E, 2I, C), down_proj (E, C, I)."""
+    """E SwiGLU experts stored as stacked weights: gate_up_proj (E, 2I, C), down_proj (E, C, I).
+
+    Under tensor parallelism a rank holds experts [first_expert, first_expert + num_local_experts)
+    only (models/tp_shard.py) and computes the pairs routed to them; the block sums the ranks."""
 
     def __init__(self, dim: int, config: MoEConfig):
         super().__init__()
         self.num_experts = config.num_experts
+        self.first_expert, self.num_local_experts = 0, config.num_experts
         self.gate_up_proj = nn.Parameter(torch.empty(config.num_experts, 2 * config.intermediate_size, dim))
         self.down_proj = nn.Parameter(torch.empty(config.num_experts, dim, config.intermediate_size))
         self.use_grouped_mm = hasattr(torch, "_grouped_mm")  # one kernel for all experts; else one mm each
@@ -98,12 +102,17 @@ class Experts(nn.Module):
         num_tokens, top_k = expert_ids.shape
         flat_ids = expert_ids.flatten()  # (N*K,)
         order = flat_ids.argsort(stable=True)  # (N*K,) pairs sorted by expert
-        token_of = order // top_k  # (N*K,) the token each sorted pair belongs to
         counts = torch.bincount(flat_ids, minlength=self.num_experts)  # (E,)
-        xs = x[token_of]  # (N*K, C), each expert's tokens contiguous
-        gate, up = self._grouped(xs, self.gate_up_proj, counts).chunk(2, dim=-1)  # 2 x (N*K, I)
-        ys = self._grouped(F.silu(gate) * up, self.down_proj, counts)  # (N*K, C)
-        ys = ys * weights.flatten()[order, None].to(ys.dtype)  # (N*K, C)
+        local_counts = counts
+        if self.num_local_experts != self.num_experts:  # tensor parallel: this rank's experts' run of pairs
+            first, last = self.first_expert, self.first_expert + self.num_local_experts
+            skip, keep = int(counts[:first].sum()), int(counts[first:last].sum())
+            order, local_counts = order[skip:skip + keep], counts[first:last]
+        token_of = order // top_k  # (M,) the token of each pair computed here (all N*K without TP)
+        xs = x[token_of]  # (M, C), each expert's tokens contiguous
+        gate, up = self._grouped(xs, self.gate_up_proj, local_counts).chunk(2, dim=-1)  # 2 x (M, I)
+        ys = self._grouped(F.silu(gate) * up, self.down_proj, local_counts)  # (M, C)
+        ys = ys * weights.flatten()[order, None].to(ys.dtype)  # (M, C)
         out = torch.zeros_like(x).index_add_(0, token_of, ys)  # (N, C): each token's K outputs summed
         return out, counts
 

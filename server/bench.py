@@ -92,6 +92,14 @@ def matmul_params_per_token(model: torch.nn.Module) -> int:
 def run_engine(loaded: LoadedModel, prompts: list[list[int]], output_len: int, config: EngineConfig,
                grammar: GrammarSpec | None = None) -> BenchResult:
     engine = Engine(loaded, config)
+    try:
+        return _drive(engine, loaded, prompts, output_len, config, grammar)
+    finally:
+        engine.close()  # tensor-parallel workers, if any
+
+
+def _drive(engine: Engine, loaded: LoadedModel, prompts: list[list[int]], output_len: int, config: EngineConfig,
+           grammar: GrammarSpec | None) -> BenchResult:
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True, grammar=grammar)
     for i, prompt in enumerate(prompts):
         engine.add_request(f"bench-{i}", prompt, params)
@@ -148,14 +156,15 @@ def _main_step_ms(result: BenchResult) -> float:
     return result.extra["decode_step_ms_median"][max(counts, key=lambda b: (counts[b], b))]
 
 
-def roofline(loaded: LoadedModel, result: BenchResult, peak_gflops: float, read_gbps: float) -> dict:
-    """Compute and memory floors of the median decode step at the most frequent batch size."""
+def roofline(loaded: LoadedModel, result: BenchResult, peak_gflops: float, read_gbps: float, params: int) -> dict:
+    """Compute and memory floors of the median decode step at the most frequent batch size.
+
+    params: the whole model's matmul weights per token (all tensor-parallel ranks together)."""
     steps, counts = result.extra["decode_step_ms_median"], result.extra["decode_step_counts"]
     if not steps:
         return {}
     batch = max(counts, key=lambda b: (counts[b], b))
     step_s = steps[batch] / 1000
-    params = matmul_params_per_token(loaded.model)
     flops = 2 * params * batch
     gemm_only_s = flops / (peak_gflops * 1e9)
     kv_bytes_per_token = loaded.model.kv_cache_spec.bytes_per_block(1, loaded.dtype)
@@ -176,7 +185,12 @@ def run_bench(args) -> int:
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                           num_kv_blocks=args.num_kv_blocks, enable_prefix_caching=args.enable_prefix_caching,
                           speculative=speculative_config_from_args(args), mla_mode=args.mla_mode,
+                          tensor_parallel_size=args.tensor_parallel_size,
                           **({} if args.kv_cache_memory is None else {"kv_cache_memory": args.kv_cache_memory}))
+    if args.tensor_parallel_size > 1 and args.baseline != "none":
+        print("nanoserve bench: error: --baseline runs one process; use it with --tensor-parallel-size 1", file=sys.stderr)
+        return 2
+    matmul_params = matmul_params_per_token(loaded.model)  # the whole model's, before sharding
     peak = gemm_peak_gflops(loaded.dtype, loaded.device)
     read_gbps = read_bandwidth_gbps(loaded.device)
     hf_model = None
@@ -187,9 +201,10 @@ def run_bench(args) -> int:
             print(f"nanoserve bench: error: {error}", file=sys.stderr)
             return 2
     results = [run_engine(loaded, prompts, args.output_len, config)]
-    results[0].extra.update(roofline(loaded, results[0], peak, read_gbps))
+    results[0].extra.update(roofline(loaded, results[0], peak, read_gbps, matmul_params))
     results[0].extra["peak_rss_gib"] = round(peak_rss_gib(), 2)
-    results[0].extra["weights_gib"] = round(weights_gib(loaded.model), 2)
+    results[0].extra["weights_gib"] = round(weights_gib(loaded.model), 2)  # rank 0's share under TP
+    results[0].extra["tensor_parallel_size"] = args.tensor_parallel_size
     results[0].extra["params_m"] = round(num_params / 1e6, 1)
     results[0].extra["kv_cache_gib"] = results[0].extra.pop("kv_cache_gib")
     results[0].extra["kv_bytes_per_token"] = loaded.model.kv_cache_spec.bytes_per_block(1, loaded.dtype)

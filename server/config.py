@@ -24,17 +24,20 @@ class EngineConfig:
     fast_kernels: bool = True                # oneDNN pre-packed linears (CPU bf16); off = plain F.linear
     speculative: "SpeculativeConfig | None" = None  # speculative decoding: n-gram or a draft model
     mla_mode: str = "absorbed"               # MLA models' decode attention: absorbed | naive (models/mla.py)
+    tensor_parallel_size: int = 1            # processes that each hold a slice of every weight
 
     def __post_init__(self) -> None:
         assert self.max_num_seqs >= 1 and self.max_num_batched_tokens >= 1, "budgets must be positive"
         assert self.block_size >= 1 and self.kv_cache_memory > 0
         assert self.num_kv_blocks is None or self.num_kv_blocks >= 1
         assert self.mla_mode in ("absorbed", "naive"), f"unknown MLA mode {self.mla_mode!r}"
+        assert self.tensor_parallel_size >= 1, "tensor_parallel_size must be at least 1"
 
     def resolve_num_blocks(self, spec: KVCacheSpec, dtype, max_model_len: int, extra_bytes_per_block: int = 0) -> int:
         """Blocks in the pool: explicit, or what the memory budget buys, capped by what
-        max_num_seqs full-length sequences could ever use. extra_bytes_per_block: a draft
-        model's pool, which mirrors the target's blocks."""
+        max_num_seqs full-length sequences could ever use. spec: one rank's share under tensor
+        parallelism (the budget is per rank). extra_bytes_per_block: a draft model's pool, which
+        mirrors the target's blocks."""
         if self.num_kv_blocks is not None:
             return self.num_kv_blocks
         affordable = self.kv_cache_memory // (spec.bytes_per_block(self.block_size, dtype) + extra_bytes_per_block)

@@ -34,6 +34,7 @@ def build_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
     app.state.serving = None          # ServingState once the engine runs
     app.state.draining = False        # set on SIGTERM: refuse new work, finish the rest
     app.state.load_error = None
+    app.state.fatal_error = None      # set when the engine can never step again (a worker died)
     app.state.on_fatal: Callable[[], None] | None = None
     add_error_handlers(app)
     app.include_router(router)
@@ -59,6 +60,7 @@ def _lifespan(config: ServerConfig, engine: Engine | None):
                 await asyncio.gather(loading, return_exceptions=True)
             if app.state.serving is not None:
                 await app.state.serving.async_engine.shutdown()
+                await asyncio.to_thread(app.state.serving.async_engine.engine.close)  # tensor-parallel workers
                 log.info("engine stopped")
 
     return lifespan
@@ -84,6 +86,14 @@ def _build_engine(config: ServerConfig) -> Engine:
     return Engine(loaded, config.engine)
 
 
+def _fail(app: FastAPI, reason: str) -> None:
+    """From the tensor-parallel monitor thread: /health turns 503 (engine.failure), the server
+    stops and exits non-zero."""
+    app.state.fatal_error = reason
+    if app.state.on_fatal is not None:
+        app.state.on_fatal()
+
+
 def _start_serving(app: FastAPI, engine: Engine) -> None:
     config: ServerConfig = app.state.config
     metrics: Metrics = app.state.metrics
@@ -91,5 +101,7 @@ def _start_serving(app: FastAPI, engine: Engine) -> None:
     metrics.set_build_info(__version__, loaded.name, str(loaded.dtype).removeprefix("torch."), str(loaded.device))
     async_engine = AsyncEngine(engine, config.max_queue, [metrics.observe_step, StatsLogger()])
     async_engine.start()
+    if engine.workers is not None:
+        engine.workers.on_failure.append(lambda reason: _fail(app, reason))
     app.state.serving = ServingState.create(async_engine, config.model_name)
     log.info("serving %s as %r (max_model_len %d)", loaded.name, config.model_name, engine.max_model_len)

@@ -78,8 +78,7 @@ async def health(request: Request) -> Response:
     if state is None:
         return JSONResponse(error_body(503, "the model is still loading"), status_code=503)
     if not state.async_engine.is_healthy:
-        return JSONResponse(error_body(503, f"the engine loop is not running: {state.async_engine.error!r}"),
-                            status_code=503)
+        return JSONResponse(error_body(503, state.async_engine.failure), status_code=503)
     return Response(status_code=200)
 
 

@@ -51,4 +51,4 @@ def serve(args: argparse.Namespace) -> int:
     server = _GracefulServer(uv_config, app)
     app.state.on_fatal = lambda: setattr(server, "should_exit", True)
     server.run()
-    return 1 if app.state.load_error is not None else 0
+    return 1 if app.state.load_error is not None or app.state.fatal_error is not None else 0

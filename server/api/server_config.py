@@ -71,6 +71,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=_env_bool("enable_prefix_caching", True))
     add_speculative_arguments(p)
     add_mla_argument(p)
+    add_tensor_parallel_argument(p)
     p.add_argument("--max-queue", type=int, default=int(_env("max_queue", 1024)), help="waiting requests before 429")
     p.add_argument("--max-request-bytes", type=int, default=int(_env("max_request_bytes", 1 << 20)), help="larger bodies get 413")
     p.add_argument("--api-key", default=_env("api_key", None), help="require 'Authorization: Bearer KEY' on /v1/*")
@@ -116,6 +117,13 @@ def add_mla_argument(p: argparse.ArgumentParser) -> None:
                    help="MLA models: attend over the cached latents (absorbed) or re-expand them to K/V every step (naive)")
 
 
+def add_tensor_parallel_argument(p: argparse.ArgumentParser) -> None:
+    """--tensor-parallel-size (serve and bench): processes that each hold a slice of every weight."""
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=int(_env("tensor_parallel_size", 1)), metavar="N",
+                   help="split every layer over N processes (gloo on CPU, NCCL on GPUs); N must divide the "
+                        "attention heads, the MLP width and the experts")
+
+
 def speculative_config_from_args(args: argparse.Namespace):
     """A SpeculativeConfig, or None without --speculative. Raises ValueError for bad values."""
     from server.engine.speculative import SpeculativeConfig
@@ -137,7 +145,7 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
         kv_cache_memory=args.kv_cache_memory, num_kv_blocks=args.num_kv_blocks,
         enable_prefix_caching=args.enable_prefix_caching, speculative=speculative_config_from_args(args),
-        mla_mode=args.mla_mode,
+        mla_mode=args.mla_mode, tensor_parallel_size=args.tensor_parallel_size,
     )
     return ServerConfig(
         model=args.model, served_model_name=args.served_model_name, host=args.host, port=args.port,

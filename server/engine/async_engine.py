@@ -109,7 +109,13 @@ class AsyncEngine:
 
     @property
     def is_healthy(self) -> bool:
-        return self.error is None and self._thread is not None and self._thread.is_alive()
+        return (self.error is None and self.engine.failure is None
+                and self._thread is not None and self._thread.is_alive())
+
+    @property
+    def failure(self) -> str:
+        """Why the engine is not healthy, for /health."""
+        return self.engine.failure or f"the engine loop is not running: {self.error!r}"
 
     def start(self) -> None:
         """Start the engine thread; call from the event loop that will consume the streams."""
@@ -142,7 +148,7 @@ class AsyncEngine:
         ids = [f"{request_id}-{i}" for i in range(len(prompts))]
         ack = self._loop.create_future()
         with self._cond:
-            if self.error is not None or self._stopping:
+            if self.error is not None or self._stopping or self.engine.failure is not None:
                 raise EngineDeadError("the engine is not running (shutting down or crashed)")
             if self._num_queued() >= self.max_queue:
                 raise QueueFullError(f"{self.max_queue} requests are already waiting")
@@ -199,7 +205,7 @@ class AsyncEngine:
             self.error = exc
             with self._cond:
                 self._stopping = True
-            self._call(self._fail_all, EngineDeadError(f"the engine loop died: {exc!r}"))
+            self._call(self._fail_all, EngineDeadError(f"the engine loop died: {self.engine.failure or repr(exc)}"))
 
     def _run_once(self) -> bool:
         """One round: take the inbox, apply it, run one step. Returns False when stopped."""

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from models.detokenizer import IncrementalDetokenizer
 from models.loader import LoadedModel
+from models.tp_shard import local_kv_cache_spec
 from server.config import EngineConfig
 from server.engine.choice_output import ChoiceOutput
 from server.engine.grammar import GrammarCompiler
@@ -32,6 +33,7 @@ from server.engine.step_plan import SchedulerOutput
 from server.engine.sequence import FinishReason, Sequence
 from server.engine.speculative import DraftProposer, NgramProposer, after_verification, load_draft_model
 from server.engine.stop_checker import StopChecker
+from server.engine.tp_workers import start_workers
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +56,8 @@ class Engine:
         spec = config.speculative
         draft = load_draft_model(spec, loaded) if spec is not None and spec.method == "draft" else None
         draft_block_bytes = 0 if draft is None else draft.model.kv_cache_spec.bytes_per_block(config.block_size, draft.dtype)
-        num_blocks = config.resolve_num_blocks(loaded.model.kv_cache_spec, loaded.dtype, max_model_len, draft_block_bytes)
+        kv_spec = local_kv_cache_spec(loaded.model.kv_cache_spec, config.tensor_parallel_size)
+        num_blocks = config.resolve_num_blocks(kv_spec, loaded.dtype, max_model_len, draft_block_bytes)
         if num_blocks * config.block_size < max_model_len:
             log.warning("max_model_len %d lowered to the KV pool's %d tokens", max_model_len,
                         num_blocks * config.block_size)
@@ -64,8 +67,15 @@ class Engine:
                                    self.max_model_len, spec.num_tokens if spec else 0, spec.max_batch if spec else 0,
                                    free_drafts=spec is not None and spec.method == "ngram")
         self.grammars = GrammarCompiler(self.tokenizer)
-        self.runner = ModelRunner(loaded, num_blocks, config.block_size, config.fast_kernels, self.grammars,
-                                  config.mla_mode)
+        self.workers = start_workers(loaded, config, num_blocks)
+        try:
+            self.runner = ModelRunner(loaded, num_blocks, config.block_size, config.fast_kernels, self.grammars,
+                                      config.mla_mode, self.workers and self.workers.tp, self.workers)
+            if self.workers is not None:
+                self.workers.wait_ready()
+        except BaseException:
+            self.close()
+            raise
         self.proposer = None
         if spec is not None:
             self.proposer = NgramProposer(spec) if draft is None else DraftProposer(
@@ -77,12 +87,13 @@ class Engine:
         self._seq_ids = itertools.count()
         self._aborted: list[ChoiceDelta] = []
         self._retired: list[RequestStats] = []  # stats of requests retired outside step() (aborts)
-        self.vocab_size = loaded.model.lm_head.out_features
+        self.vocab_size = self.runner.vocab_size
         self._prefix_counts = (0, 0)
-        block_bytes = loaded.model.kv_cache_spec.bytes_per_block(config.block_size, loaded.dtype) + draft_block_bytes
-        log.info("KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB%s); %s", num_blocks, config.block_size,
+        block_bytes = kv_spec.bytes_per_block(config.block_size, loaded.dtype) + draft_block_bytes
+        log.info("KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB%s%s); %s", num_blocks, config.block_size,
                  num_blocks * config.block_size, num_blocks * block_bytes / 2**30,
-                 ", draft model's pool included" * bool(draft), loaded.model.kv_cache_spec.describe(loaded.dtype))
+                 ", draft model's pool included" * bool(draft), " on each tensor-parallel rank" * bool(self.workers),
+                 kv_spec.describe(loaded.dtype))
 
     # ---- requests -----------------------------------------------------------------------------
 
@@ -137,6 +148,16 @@ class Engine:
             request.pending = []
         if request_id in self.requests and all(c.seq.is_finished for c in self.requests[request_id].choices):
             self._retire(self.requests.pop(request_id), time.monotonic(), None)
+
+    @property
+    def failure(self) -> str | None:
+        """Why this engine can no longer step (a tensor-parallel worker died), or None."""
+        return None if self.workers is None else self.workers.failure
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any; the engine cannot step afterwards."""
+        if self.workers is not None:
+            self.workers.close()
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._aborted)

@@ -11,6 +11,10 @@ A speculative chunk (last token + K draft tokens) samples at each of its K+1 pos
 "virtual" rows that see the drafts before them as output (penalties, min_tokens and the
 grammar advance through them); server/engine/speculative.py decides how many drafts to keep.
 
+Under tensor parallelism (server/engine/tp_workers.py) rank 0 sends each forward's inputs
+(server/engine/forward_inputs.py) to the workers first and every rank runs the same forward on
+its shard; the logits arrive whole on rank 0 only, which samples.
+
 Legend: N tokens in the packed batch, S sampling rows, C channels, V vocab, K top logprobs.
 """
 from __future__ import annotations
@@ -28,8 +32,11 @@ from models.layers import RMSNorm, rms_norm_kernel
 from models.loader import LoadedModel
 from models.mla import MLA_PATHS
 from models.moe import drain_expert_load, moe_layers
+from models.parallel import TensorParallel
+from models.tp_shard import local_kv_cache_spec, shard_model
 from server.engine.grammar import GrammarCompiler
 from server.engine.sampler import Sampler, SamplingRow, needs_mask_first, prompt_logprobs, target_probs, token_logprobs
+from server.engine.forward_inputs import ForwardInputs, is_decode_like, num_sampled_rows, pack_forward_inputs
 from server.engine.step_plan import ScheduledChunk, SchedulerOutput
 from server.engine.sequence import Sequence
 from server.engine.speculative import accept_greedy, accept_sampled
@@ -64,10 +71,17 @@ class ModelRunner:
     """Owns the model, its paged KV pool and the sampler."""
 
     def __init__(self, loaded: LoadedModel, num_blocks: int, block_size: int, fast_kernels: bool = True,
-                 grammars: GrammarCompiler | None = None, mla_mode: str = "absorbed"):
+                 grammars: GrammarCompiler | None = None, mla_mode: str = "absorbed",
+                 tp: TensorParallel | None = None, workers=None):
+        """tp: this rank's place in a tensor-parallel group (the model is sharded here);
+        workers: on rank 0, the WorkerGroup each step's inputs are sent to first."""
         self.model, self.device, self.block_size = loaded.model, loaded.device, block_size
         self.stop_token_ids = list(loaded.tokenizer.stop_token_ids)
-        spec = self.model.kv_cache_spec
+        self.vocab_size = self.model.lm_head.out_features  # before sharding cuts it
+        self.workers = workers
+        if tp is not None:
+            shard_model(self.model, tp)
+        spec = local_kv_cache_spec(self.model.kv_cache_spec, 1 if tp is None else tp.size)
         self.kv_caches = spec.allocate(num_blocks, block_size, loaded.dtype, self.device)  # (NB, BS, KVH, D) pools
         self.model.bind_kv_cache(self.kv_caches)
         self.workspace = DecodeWorkspace()
@@ -90,7 +104,6 @@ class ModelRunner:
         drain_expert_load(self.moe_layers)  # forget routing counted before this engine (reference forwards)
         self.sampler = Sampler()
         self.grammars = grammars
-        self.vocab_size = self.model.lm_head.out_features
         self._mask_thread = ThreadPoolExecutor(1, thread_name_prefix="grammar-masks")
         self.generators: dict[int, torch.Generator] = {}
 
@@ -105,28 +118,15 @@ class ModelRunner:
         """
         sampling_rows = {id(c): self._sampling_rows(c) for c in output.chunks  # may trim drafts (grammar)
                          if c.samples and c.seq.params.max_tokens != 0}
-        chunks = sorted(output.chunks, key=lambda c: not _is_decode_like(c))  # stable
-        input_ids, positions, query_lens, seq_lens = [], [], [], []
-        for chunk in chunks:
-            start, seq = chunk.seq.num_computed_tokens, chunk.seq
-            input_ids += seq.token_ids[start:start + chunk.num_new_tokens - len(chunk.draft_token_ids)]
-            input_ids += chunk.draft_token_ids
-            positions += range(start, start + chunk.num_new_tokens)
-            query_lens.append(chunk.num_new_tokens)
-            seq_lens.append(start + chunk.num_new_tokens)
+        chunks = sorted(output.chunks, key=lambda c: not is_decode_like(c))  # stable
         sampling = [c for c in chunks if id(c) in sampling_rows]
         rows = [row for c in sampling for row in sampling_rows[id(c)]]  # one per sampled position
         masks = self._start_grammar_masks(rows, [bool(c.draft_token_ids) for c in sampling for _ in sampling_rows[id(c)]])
-        hidden = self._forward(input_ids, positions, query_lens, seq_lens, [c.seq.block_table for c in chunks],
-                               sum(map(_is_decode_like, chunks)))  # (N, C)
-        ends = {id(c): end for c, end in zip(chunks, hidden.meta.query_start_loc[1:])}
-        rows_at = torch.tensor([ends[id(c)] - _num_rows(c) + i for c in sampling for i in range(_num_rows(c))],
-                               device=self.device, dtype=torch.long)
-        sampled = self._sample(hidden.states[rows_at], sampling, rows, masks)
-        scored = [self._prompt_logprobs(hidden.states, hidden.meta.query_start_loc[i], c)
-                  for i, c in enumerate(chunks) if c.seq.params.prompt_logprobs is not None
-                  and c.seq.num_computed_tokens < c.seq.num_prompt_tokens]
-        return StepResult(sampled, [s for s in scored if s.entries])
+        inputs, scorings = pack_forward_inputs(chunks, sampling)
+        logits = self._forward(inputs).logits  # (R + prompt rows, V)
+        sampled = self._sample(logits[:len(rows)] if rows else None, sampling, rows, masks)
+        scored = [self._prompt_logprobs(logits[s.first:s.first + s.num], s.chunk) for s in scorings]
+        return StepResult(sampled, scored)
 
     @torch.inference_mode()
     def forward(self, queries: list[list[int]], seq_lens: list[int], block_tables: list[list[int]]) -> torch.Tensor:
@@ -139,26 +139,37 @@ class ModelRunner:
         Returns:
             (S, C) in the order given.
         """
+        assert self.workers is None, "a draft model runs on rank 0 alone"
         order = sorted(range(len(queries)), key=lambda i: len(queries[i]) != 1)  # decodes first
         input_ids = [t for i in order for t in queries[i]]
         positions = [p for i in order for p in range(seq_lens[i] - len(queries[i]), seq_lens[i])]
-        hidden = self._forward(input_ids, positions, [len(queries[i]) for i in order], [seq_lens[i] for i in order],
-                               [block_tables[i] for i in order], None)
+        hidden = self.run_forward(ForwardInputs(input_ids, positions, [len(queries[i]) for i in order],
+                                                [seq_lens[i] for i in order], [block_tables[i] for i in order], None, []))
         last = torch.empty(len(order), dtype=torch.long)  # (S,) packed row of each query's last token
         last[torch.tensor(order)] = torch.tensor(hidden.meta.query_start_loc[1:]) - 1
         return hidden.states[last.to(self.device)]
 
-    def _forward(self, input_ids: list[int], positions: list[int], query_lens: list[int], seq_lens: list[int],
-                 block_tables: list[list[int]], num_decode_seqs: int | None) -> "_Hidden":
-        meta = build_attention_metadata(query_lens, seq_lens, block_tables, self.block_size, self.device,
-                                        num_decode_seqs)
+    def _forward(self, inputs: ForwardInputs) -> "_Hidden":
+        if self.workers is not None:  # tensor parallel: every rank runs this same forward
+            self.workers.send(inputs)
+        return self.run_forward(inputs)
+
+    @torch.inference_mode()
+    def run_forward(self, inputs: ForwardInputs) -> "_Hidden":
+        """The model over one packed batch, and the logits of `inputs.logit_rows` (None on a
+        tensor-parallel worker, which only contributes its vocab slice)."""
+        meta = build_attention_metadata(inputs.query_lens, inputs.seq_lens, inputs.block_tables, self.block_size,
+                                        self.device, inputs.num_decode_seqs)
         meta.workspace, meta.use_fused_decode = self.workspace, self.use_fused_decode
         states = self.model(
-            torch.tensor(input_ids, device=self.device),  # (N,)
-            torch.tensor(positions, device=self.device),  # (N,)
+            torch.tensor(inputs.input_ids, device=self.device),  # (N,)
+            torch.tensor(inputs.positions, device=self.device),  # (N,)
             meta,
         )  # (N, C)
-        return _Hidden(states, meta)
+        logits = None
+        if inputs.logit_rows:
+            logits = self.model.compute_logits(states[torch.tensor(inputs.logit_rows, device=self.device)])  # (R, V)
+        return _Hidden(states, meta, logits)
 
     def _start_grammar_masks(self, rows: list[SamplingRow], speculative: list[bool]) -> Future | None:
         """The bitmask of the rows that must be masked before sampling (needs_mask_first, and
@@ -172,18 +183,17 @@ class ModelRunner:
             return None
         return self._mask_thread.submit(self.grammars.fill_bitmask, matchers, self.vocab_size)
 
-    def _sample(self, hidden: torch.Tensor, chunks: list[ScheduledChunk], rows: list[SamplingRow],
+    def _sample(self, logits: torch.Tensor | None, chunks: list[ScheduledChunk], rows: list[SamplingRow],
                 masks: Future | None) -> list[SampledTokens]:
-        """hidden (R, C): one row per sampled position; a verification chunk has 1 + K of them."""
+        """logits (R, V): one row per sampled position; a verification chunk has 1 + K of them."""
         if not chunks:
             return []
-        logits = self.model.compute_logits(hidden)  # (R, C) -> (R, V)
         bitmask = masks.result() if masks is not None else None  # (R, W)
         out = self.sampler(logits, rows, bitmask, self.grammars, with_logprobs=False)
         drawn = out.token_ids.tolist()
         emitted, first = [], 0
         for chunk in chunks:
-            drafts, num = chunk.draft_token_ids, _num_rows(chunk)
+            drafts, num = chunk.draft_token_ids, num_sampled_rows(chunk)
             if not drafts:
                 tokens = [drawn[first]]
             elif chunk.seq.params.greedy:
@@ -205,7 +215,7 @@ class ModelRunner:
             return [SampledTokens(c.seq, tokens, None) for c, tokens in zip(chunks, emitted)]
         starts = [0]
         for chunk in chunks:
-            starts.append(starts[-1] + _num_rows(chunk))
+            starts.append(starts[-1] + num_sampled_rows(chunk))
         at = [starts[i] + j for i, tokens in enumerate(emitted) for j in range(len(tokens))]
         flat = [t for tokens in emitted for t in tokens]
         index = torch.tensor(at, device=logits.device)  # (E,)
@@ -255,13 +265,10 @@ class ModelRunner:
         return SamplingRow(params, seq.prompt_token_ids, seq.output_token_ids, generator, stop_ids,
                            seq.grammar)
 
-    def _prompt_logprobs(self, hidden: torch.Tensor, row_start: int, chunk: ScheduledChunk) -> PromptLogprobs:
-        """Logprobs of prompt tokens start+1 .. predicted by this chunk's rows."""
+    def _prompt_logprobs(self, logits: torch.Tensor, chunk: ScheduledChunk) -> PromptLogprobs:
+        """Logprobs of prompt tokens start+1 .. from the logits (T, V) of this chunk's first T rows."""
         seq, start = chunk.seq, chunk.seq.num_computed_tokens
-        end = min(start + chunk.num_new_tokens, seq.num_prompt_tokens - 1)  # last row predicting a prompt token
-        if end <= start:
-            return PromptLogprobs(seq, start + 1, [])
-        logits = self.model.compute_logits(hidden[row_start:row_start + end - start])  # (T, V)
+        end = start + logits.shape[0]
         targets = torch.tensor(seq.token_ids[start + 1:end + 1], device=self.device)  # (T,)
         k = seq.params.prompt_logprobs
         target_lp, top_ids, top_lps = prompt_logprobs(logits.float(), targets, k)
@@ -282,15 +289,6 @@ class ModelRunner:
 
 @dataclass(slots=True)
 class _Hidden:
-    states: torch.Tensor  # (N, C)
-    meta: object          # the step's AttentionMetadata
-
-
-def _num_rows(chunk: ScheduledChunk) -> int:
-    """Sampled positions of a sampling chunk: its last token, plus one per draft."""
-    return 1 + len(chunk.draft_token_ids)
-
-
-def _is_decode_like(chunk: ScheduledChunk) -> bool:
-    """Attended one row per token with the decode kernel: a decode or a verification chunk."""
-    return chunk.num_new_tokens == 1 or bool(chunk.draft_token_ids)
+    states: torch.Tensor              # (N, C)
+    meta: object                      # the step's AttentionMetadata
+    logits: torch.Tensor | None       # (R, V) at inputs.logit_rows
