@@ -10,18 +10,21 @@ rank (models/tp_shard.py makes the cuts):
                       other ranks' tokens give zeros and are summed in; logits are gathered
 
 Without a group (tensor-parallel size 1, the default) every piece here is the identity, so the
-single-process model reads and runs as before. Backend: gloo on CPU, NCCL on CUDA.
+single-process model reads and runs as before. Backend: gloo on CPU (all-reduces of up to 8 MiB
+through shared memory instead, models/shm_all_reduce.py), NCCL on CUDA.
 
 Legend: N tokens, C channels, M logit rows, V vocab, P ranks.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
+from models.shm_all_reduce import SharedMemoryAllReduce
 
 
 @dataclass(frozen=True)
@@ -30,9 +33,12 @@ class TensorParallel:
 
     rank: int
     size: int
+    shared_memory: SharedMemoryAllReduce | None = field(default=None, compare=False)  # CPU ranks on one host
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum x over the ranks, in place."""
+        """Sum x over the ranks, in place: through shared memory where it takes x, else the process group."""
+        if self.shared_memory is not None and self.shared_memory.takes(x):
+            return self.shared_memory(x)
         dist.all_reduce(x)
         return x
 

@@ -54,7 +54,7 @@ def test_server_port_health_and_settings(services):
     assert "/health" in " ".join(server["healthcheck"]["test"])
     env = server["environment"]
     assert env["NANOSERVE_PORT"] == "8000" and env["NANOSERVE_HOST"] == "0.0.0.0"
-    for name in ("NANOSERVE_MODEL", "NANOSERVE_MAX_NUM_SEQS", "NANOSERVE_KV_CACHE_MEMORY"):
+    for name in ("NANOSERVE_MODEL", "NANOSERVE_MAX_NUM_SEQS", "NANOSERVE_KV_CACHE_MEMORY", "NANOSERVE_TENSOR_PARALLEL_SIZE"):
         assert re.fullmatch(r"\$\{%s:-[^}]+\}" % name, env[name]), env[name]
     assert (REPO / server["build"]["context"] / server["build"]["dockerfile"]).resolve() == DOCKERFILE
 
@@ -138,3 +138,18 @@ def test_dockerfile_cpu_torch_first_model_package_nonroot_healthcheck():
         if line.startswith("COPY "):
             for source in line.split()[1:-1]:
                 assert (REPO / source).exists(), source
+
+
+def test_every_nanoserve_variable_is_a_serve_flag(services):
+    """compose passes settings as NANOSERVE_<FLAG>: each must name a real `serve` flag."""
+    import argparse
+
+    from server.api.server_config import add_serve_arguments
+
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    flags = {action.dest.upper() for action in parser._actions}
+    for name, service in services.items():
+        for variable in service.get("environment") or {}:
+            if variable.startswith("NANOSERVE_"):
+                assert variable.removeprefix("NANOSERVE_") in flags, f"{name}: {variable} is no serve flag"

@@ -3,6 +3,7 @@ run every forward rank 0 sends until it sends None or goes away (server/engine/t
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 from multiprocessing.connection import Connection
@@ -15,7 +16,7 @@ import torch.distributed as dist
 COLLECTIVE_TIMEOUT = timedelta(minutes=5)  # a collective some peer never joins fails after this
 
 
-def worker_main(rank: int, size: int, backend: str, address: str, threads: int | None, load_args: dict,
+def worker_main(rank: int, size: int, backend: str, address: str, shm_path: str | None, threads: int | None, load_args: dict,
                 runner_args: dict, conn: Connection, log_level: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; rank 0 decides
     logging.basicConfig(force=True, level=log_level, format=f"%(asctime)s %(levelname)s [tp rank {rank}] %(name)s: %(message)s")
@@ -24,20 +25,31 @@ def worker_main(rank: int, size: int, backend: str, address: str, threads: int |
         torch.set_num_threads(threads)
     from models.loader import load_model
     from models.parallel import TensorParallel
+    from models.shm_all_reduce import SharedMemoryAllReduce
     from server.engine.runner import ModelRunner
 
     dist.init_process_group(backend, init_method=address, rank=rank, world_size=size, timeout=COLLECTIVE_TIMEOUT)
     if load_args["device"].startswith("cuda"):
         torch.cuda.set_device(load_args["device"])
     loaded = load_model(**load_args)
-    runner = ModelRunner(loaded, tp=TensorParallel(rank, size), **runner_args)
+    shm = None if shm_path is None else SharedMemoryAllReduce(shm_path, rank, size, COLLECTIVE_TIMEOUT.total_seconds())
+    runner = ModelRunner(loaded, tp=TensorParallel(rank, size, shm), **runner_args)
     conn.send("ready")
     steps = 0
     try:
-        while (inputs := conn.recv()) is not None:
+        while (inputs := _receive(conn)) is not None:
             runner.run_forward(inputs)
             steps += 1
     except EOFError:  # rank 0 exited without saying goodbye: nothing left to serve
         log.warning("rank 0 went away; exiting after %d steps", steps)
         sys.exit(1)
     dist.destroy_process_group()
+
+
+def _receive(conn: Connection):
+    """The next message from rank 0, waiting as long as it takes: the pipe was once found in
+    non-blocking mode inside a busy test process (recv() raised EAGAIN), so set it blocking and
+    wait in select() first."""
+    os.set_blocking(conn.fileno(), True)
+    conn.poll(None)
+    return conn.recv()

@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from models.loader import LoadedModel
 from models.parallel import TensorParallel
+from models.shm_all_reduce import SharedMemoryAllReduce
 from models.tp_shard import check_shardable
 from server.engine.tp_worker import COLLECTIVE_TIMEOUT, worker_main
 
@@ -64,12 +65,15 @@ class WorkerGroup:
         backend = "nccl" if loaded.device.type == "cuda" else "gloo"
         threads = max(1, (os.cpu_count() or 1) // size) if loaded.device.type == "cpu" else None
         address = f"tcp://127.0.0.1:{_free_port()}"
+        self._shm_path = SharedMemoryAllReduce.create(size) if loaded.device.type == "cpu" else None
         context = mp.get_context("spawn")  # a fresh interpreter: no forked threads or torch state
         self._conns, self._procs = [], []
         for rank in range(1, size):
             ours, theirs = context.Pipe()
-            args = (rank, size, backend, address, threads, _load_args(loaded, rank), runner_args, theirs,
-                    logging.getLogger().getEffectiveLevel())
+            for end in (ours, theirs):  # a socketpair is born non-blocking under socket.setdefaulttimeout()
+                os.set_blocking(end.fileno(), True)
+            args = (rank, size, backend, address, self._shm_path, threads, _load_args(loaded, rank), runner_args,
+                    theirs, logging.getLogger().getEffectiveLevel())
             proc = context.Process(target=worker_main, args=args, name=f"nanoserve-tp{rank}", daemon=True)
             proc.start()
             theirs.close()
@@ -80,8 +84,11 @@ class WorkerGroup:
         if threads is not None:
             torch.set_num_threads(threads)
         dist.init_process_group(backend, init_method=address, rank=0, world_size=size, timeout=COLLECTIVE_TIMEOUT)
-        self.tp = TensorParallel(0, size)
-        log.info("tensor parallel: %d ranks over %s%s", size, backend,
+        shm = None if self._shm_path is None else SharedMemoryAllReduce(
+            self._shm_path, 0, size, COLLECTIVE_TIMEOUT.total_seconds())
+        self.tp = TensorParallel(0, size, shm)
+        log.info("tensor parallel: %d ranks over %s%s%s", size, backend,
+                 " (all-reduce through shared memory)" if shm is not None else "",
                  f", {threads} CPU thread(s) each" if threads is not None else "")
 
     def wait_ready(self) -> None:
@@ -94,6 +101,7 @@ class WorkerGroup:
                     raise RuntimeError(f"tensor-parallel rank {rank} (pid {proc.pid}) did not start "
                                        f"(exit code {proc.exitcode}); its log above says why")
             conn.recv()
+        self._unlink_shm()  # every rank mapped it: the memory lives until the last one exits
         threading.Thread(target=self._monitor, name="tp-monitor", daemon=True).start()
 
     def send(self, message) -> None:
@@ -121,6 +129,7 @@ class WorkerGroup:
         if dist.is_initialized():
             dist.destroy_process_group()
         torch.set_num_threads(self._threads_before)
+        self._unlink_shm()
         log.info("tensor parallel: workers stopped")
 
     @property
@@ -138,8 +147,15 @@ class WorkerGroup:
         self.failure = (f"tensor-parallel worker rank {rank} (pid {proc.pid}) died with exit code "
                         f"{proc.exitcode}; no step can run without it")
         log.error("%s", self.failure)
+        if self.tp.shared_memory is not None:  # an all-reduce waiting for it gives up now
+            self.tp.shared_memory.abort_reason = self.failure
         for callback in self.on_failure:
             callback(self.failure)
+
+
+    def _unlink_shm(self) -> None:
+        if self._shm_path is not None and os.path.exists(self._shm_path):
+            os.unlink(self._shm_path)
 
 
 def _load_args(loaded: LoadedModel, rank: int) -> dict:
