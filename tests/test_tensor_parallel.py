@@ -19,6 +19,7 @@ from models.loader import load_model
 from server.config import EngineConfig
 from server.engine.engine import Engine
 from server.engine.sampling_params import SamplingParams
+from server.engine.speculative import SpeculativeConfig
 from tests.api_fixtures import TINY_MODEL, run_server
 from tests.test_engine import greedy, make_prompts
 
@@ -72,13 +73,17 @@ def tp1_outputs():
     return prompts, [c.token_ids for c in run_and_close(tp_engine("random:tiny-qwen2", 1), prompts, greedy(12))]
 
 
-@pytest.mark.parametrize("case", ["batch", "alone", "no-prefix-cache", "preemption"])
+@pytest.mark.parametrize("case", ["batch", "alone", "no-prefix-cache", "preemption", "ngram"])
 def test_tp2_invariants(tp1_outputs, case):
-    """Batching, prefix caching and preemption (recompute) leave TP=2 greedy output unchanged."""
+    """Batching, prefix caching, preemption (recompute) and speculative verification (n-gram
+    drafts: several logit rows per sequence) leave TP=2 greedy output unchanged."""
     prompts, expected = tp1_outputs
     config = {"enable_prefix_caching": case != "no-prefix-cache"}
     if case == "preemption":
         config.update(num_kv_blocks=24, max_num_seqs=6)  # 6 sequences need up to 36 blocks of 4
+    if case == "ngram":
+        config.update(speculative=SpeculativeConfig.parse("ngram", num_tokens=3, draft_num_layers=None, max_batch=8,
+                                                          ngram_min=1, ngram_max=3))
     engine = tp_engine("random:tiny-qwen2", 2, **config)
     try:
         if case == "alone":
@@ -90,6 +95,8 @@ def test_tp2_invariants(tp1_outputs, case):
             assert engine.scheduler.num_preemptions > 0
         if case == "alone":  # one at a time: later prompts reuse the first one's cached prefix blocks
             assert engine.block_manager.num_prefix_hit_tokens > 0
+        if case == "ngram":
+            assert engine.proposer is not None
     finally:
         engine.close()
 
@@ -132,6 +139,7 @@ def test_server_with_a_killed_worker_turns_unhealthy_and_exits_nonzero():
     with run_server("--tensor-parallel-size", "2", "--dtype", "float32") as server:
         reply = server.openai().completions.create(model=TINY_MODEL, prompt="split me", max_tokens=5, temperature=0)
         assert reply.usage.completion_tokens == 5
+        assert httpx.get(server.url + "/server_info").json()["tp_size"] == 2
         worker = _worker(server)
         worker.kill()
         killed = time.monotonic()

@@ -51,7 +51,8 @@ async def model_info(request: Request) -> dict:
     served name is the model the router lists under /v1/models and routes requests by."""
     serving = _serving(request).completions
     return {"model_path": serving.model_name, "served_model_name": serving.model_name, "tokenizer_path": None,
-            "is_generation": True, "max_context_length": serving.max_model_len, "tp_size": 1, "dp_size": 1}
+            "is_generation": True, "max_context_length": serving.max_model_len,
+            "tp_size": request.app.state.config.engine.tensor_parallel_size, "dp_size": 1}
 
 
 @router.post("/tokenize", response_model=TokenizeResponse, responses=ERROR_RESPONSES)
