@@ -70,8 +70,7 @@ class WorkerGroup:
         self._conns, self._procs = [], []
         for rank in range(1, size):
             ours, theirs = context.Pipe()
-            for end in (ours, theirs):  # a socketpair is born non-blocking under socket.setdefaulttimeout()
-                os.set_blocking(end.fileno(), True)
+            os.set_blocking(ours.fileno(), True)  # defensive, as tp_worker._receive is on the other end
             args = (rank, size, backend, address, self._shm_path, threads, _load_args(loaded, rank), runner_args,
                     theirs, logging.getLogger().getEffectiveLevel())
             proc = context.Process(target=worker_main, args=args, name=f"nanoserve-tp{rank}", daemon=True)
