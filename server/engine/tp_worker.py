@@ -47,9 +47,9 @@ def worker_main(rank: int, size: int, backend: str, address: str, shm_path: str 
 
 
 def _receive(conn: Connection):
-    """The next message from rank 0, waiting as long as it takes. Once, in the full test suite,
-    recv() on this pipe raised EAGAIN (the descriptor was non-blocking; why is not known), so
-    make it blocking and wait in select() first."""
+    """The next message from rank 0, waiting as long as it takes. A parent that gevent has
+    monkey-patched (anything that imported locust) makes its socketpairs non-blocking, and
+    recv() would raise EAGAIN: make the descriptor blocking and wait in select() first."""
     os.set_blocking(conn.fileno(), True)
     conn.poll(None)
     return conn.recv()

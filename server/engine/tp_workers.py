@@ -70,7 +70,7 @@ class WorkerGroup:
         self._conns, self._procs = [], []
         for rank in range(1, size):
             ours, theirs = context.Pipe()
-            os.set_blocking(ours.fileno(), True)  # defensive, as tp_worker._receive is on the other end
+            os.set_blocking(ours.fileno(), True)  # non-blocking if gevent patched this process (see tp_worker._receive)
             args = (rank, size, backend, address, self._shm_path, threads, _load_args(loaded, rank), runner_args,
                     theirs, logging.getLogger().getEffectiveLevel())
             proc = context.Process(target=worker_main, args=args, name=f"nanoserve-tp{rank}", daemon=True)
