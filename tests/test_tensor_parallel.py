@@ -8,6 +8,8 @@ worker fails /health and exits non-zero, SIGTERM stops every rank.
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import time
 
 import httpx
@@ -20,7 +22,7 @@ from server.config import EngineConfig
 from server.engine.engine import Engine
 from server.engine.sampling_params import SamplingParams
 from server.engine.speculative import SpeculativeConfig
-from tests.api_fixtures import TINY_MODEL, run_server
+from tests.api_fixtures import ROOT, TINY_MODEL, free_port, run_server
 from tests.test_engine import greedy, make_prompts
 
 FAMILIES = [("tiny-gpt2", {}), ("tiny-qwen2", {}), ("tiny-qwen2", {"kv_heads": "1"}), ("tiny-qwen3", {}),
@@ -164,3 +166,12 @@ def test_sigterm_stops_every_rank():
         worker.wait(10)
         assert not worker.is_running()
         assert "tensor parallel: workers stopped" in server.log_tail()
+
+
+def test_serve_refuses_an_uneven_split_in_one_sentence():
+    command = [sys.executable, "-m", "server", "--model", "random:tiny-gpt2", "--tensor-parallel-size", "3",
+               "--port", str(free_port())]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert "tensor-parallel size 3 must divide the model's 4 attention heads" in done.stderr
+    assert "Traceback" not in done.stderr

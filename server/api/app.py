@@ -83,7 +83,10 @@ async def _load_and_serve(app: FastAPI, config: ServerConfig) -> None:
 
 def _build_engine(config: ServerConfig) -> Engine:
     loaded = load_model(config.model, dtype=config.dtype, device=config.device, overrides=config.overrides)
-    return Engine(loaded, config.engine)
+    try:
+        return Engine(loaded, config.engine)
+    except ValueError as error:  # settings this model cannot run with (a KV pool too small, an uneven TP split)
+        raise ModelLoadError(f"cannot serve {config.model!r}: {error}") from error
 
 
 def _fail(app: FastAPI, reason: str) -> None:
