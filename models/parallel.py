@@ -39,6 +39,8 @@ class TensorParallel:
         """Sum x over the ranks, in place: through shared memory where it takes x, else the process group."""
         if self.shared_memory is not None and self.shared_memory.takes(x):
             return self.shared_memory(x)
+        if not x.is_contiguous():  # the process group reduces contiguous buffers only
+            return x.copy_(self.all_reduce(x.contiguous()))
         dist.all_reduce(x)
         return x
 

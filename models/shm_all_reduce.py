@@ -39,10 +39,16 @@ class SharedMemoryAllReduce:
 
     @staticmethod
     def create(size: int) -> str:
-        """A zeroed file for `size` ranks in /dev/shm (RAM), to map with __init__ and unlink once all did."""
+        """A zeroed file for `size` ranks in /dev/shm (RAM), to map with __init__ and unlink once
+        all did. Raises OSError when /dev/shm has no room for it."""
         fd, path = tempfile.mkstemp(prefix="nanoserve-tp-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
-        os.ftruncate(fd, mapping_bytes(size))
-        os.close(fd)
+        try:
+            os.posix_fallocate(fd, 0, mapping_bytes(size))  # no room fails here, not as SIGBUS mid-step
+        except OSError:
+            os.unlink(path)
+            raise
+        finally:
+            os.close(fd)
         return path
 
     def takes(self, x: torch.Tensor) -> bool:

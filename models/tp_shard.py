@@ -60,9 +60,10 @@ def local_kv_cache_spec(spec: KVCacheSpec, size: int) -> KVCacheSpec:
 
 def shard_model(model: nn.Module, tp: TensorParallel) -> None:
     """Keep this rank's slice of every weight and point the collectives at the group."""
-    if model.vocab_parallel.tp is not None:  # an earlier engine on this same model sharded it
+    if is_sharded(model):  # an earlier engine on this same model cut it: use the new group's channels
         if model.vocab_parallel.tp != tp:
             raise ValueError(f"the model is already split for {model.vocab_parallel.tp}; load it again for {tp}")
+        _point_collectives(model, tp)
         return
     check_shardable(model, tp.size)
     _shard_vocab(model, tp)
@@ -82,7 +83,17 @@ def shard_model(model: nn.Module, tp: TensorParallel) -> None:
             _row(module.down_proj, tp)
         elif isinstance(module, SparseMoE):
             _shard_experts(module, tp)
-        elif isinstance(module, AllReduce):
+    _point_collectives(model, tp)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    return model.vocab_parallel.tp is not None
+
+
+def _point_collectives(model: nn.Module, tp: TensorParallel) -> None:
+    model.vocab_parallel.tp = tp
+    for module in model.modules():
+        if isinstance(module, AllReduce):
             module.tp = tp
 
 
@@ -104,7 +115,7 @@ def _shard_vocab(model: nn.Module, tp: TensorParallel) -> None:
         model.lm_head.weight = _param(shard_rows(model.lm_head.weight.detach(), tp, padded))
     model.lm_head.out_features = embedding.num_embeddings
     parallel: VocabParallel = model.vocab_parallel
-    parallel.tp, parallel.vocab_start, parallel.vocab_size = tp, tp.rank * embedding.num_embeddings, vocab
+    parallel.vocab_start, parallel.vocab_size = tp.rank * embedding.num_embeddings, vocab
 
 
 def _shard_gpt2_attention(attn: CausalSelfAttention, tp: TensorParallel) -> None:

@@ -175,3 +175,15 @@ def test_serve_refuses_an_uneven_split_in_one_sentence():
     assert done.returncode == 1
     assert "tensor-parallel size 3 must divide the model's 4 attention heads" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_second_engine_on_the_same_loaded_model_reuses_its_shards():
+    """bench builds several engines from one loaded model: the second finds the weights cut
+    already and must only point the collectives at its own workers (and still know V)."""
+    loaded = load_model("random:tiny-qwen2", dtype="float32", device="cpu")
+    outputs = []
+    for _ in range(2):
+        engine = Engine(loaded, EngineConfig(tensor_parallel_size=2, block_size=4, num_kv_blocks=64))
+        assert engine.vocab_size == 151936
+        outputs.append(run_and_close(engine, make_prompts(3, seed=9), greedy(6)))
+    assert [c.token_ids for c in outputs[0]] == [c.token_ids for c in outputs[1]]

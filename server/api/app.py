@@ -106,5 +106,7 @@ def _start_serving(app: FastAPI, engine: Engine) -> None:
     async_engine.start()
     if engine.workers is not None:
         engine.workers.on_failure.append(lambda reason: _fail(app, reason))
+        if engine.failure is not None:  # a worker died before the callback was in place
+            _fail(app, engine.failure)
     app.state.serving = ServingState.create(async_engine, config.model_name)
     log.info("serving %s as %r (max_model_len %d)", loaded.name, config.model_name, engine.max_model_len)

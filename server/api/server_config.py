@@ -119,7 +119,7 @@ def add_mla_argument(p: argparse.ArgumentParser) -> None:
 
 def add_tensor_parallel_argument(p: argparse.ArgumentParser) -> None:
     """--tensor-parallel-size (serve and bench): processes that each hold a slice of every weight."""
-    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=int(_env("tensor_parallel_size", 1)), metavar="N",
+    p.add_argument("--tensor-parallel-size", "-tp", type=_positive_int, default=_positive_int(_env("tensor_parallel_size", 1)), metavar="N",
                    help="split every layer over N processes (gloo on CPU, NCCL on GPUs); N must divide the "
                         "attention heads, the MLP width and the experts")
 
@@ -133,6 +133,13 @@ def speculative_config_from_args(args: argparse.Namespace):
     return SpeculativeConfig.parse(args.speculative, num_tokens=args.num_speculative_tokens,
                                    draft_num_layers=args.draft_num_layers, max_batch=args.speculative_max_batch,
                                    ngram_min=args.ngram_min, ngram_max=args.ngram_max)
+
+
+def _positive_int(text) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _opt_int(value) -> int | None:

@@ -77,7 +77,7 @@ class ModelRunner:
         workers: on rank 0, the WorkerGroup each step's inputs are sent to first."""
         self.model, self.device, self.block_size = loaded.model, loaded.device, block_size
         self.stop_token_ids = list(loaded.tokenizer.stop_token_ids)
-        self.vocab_size = self.model.lm_head.out_features  # before sharding cuts it
+        self.vocab_size = self.model.vocab_parallel.vocab_size or self.model.lm_head.out_features  # V, not a shard
         self.workers = workers
         if tp is not None:
             shard_model(self.model, tp)

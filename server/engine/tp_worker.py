@@ -18,7 +18,8 @@ COLLECTIVE_TIMEOUT = timedelta(minutes=5)  # a collective some peer never joins 
 
 def worker_main(rank: int, size: int, backend: str, address: str, shm_path: str | None, threads: int | None, load_args: dict,
                 runner_args: dict, conn: Connection, log_level: int) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; rank 0 decides
+    for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C or a group-wide SIGTERM: rank 0 drains, then stops us
+        signal.signal(sig, signal.SIG_IGN)
     logging.basicConfig(force=True, level=log_level, format=f"%(asctime)s %(levelname)s [tp rank {rank}] %(name)s: %(message)s")
     log = logging.getLogger(__name__)
     if threads is not None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import platform
 import socket
 import threading
 import time
@@ -29,7 +30,7 @@ import torch.distributed as dist
 from models.loader import LoadedModel
 from models.parallel import TensorParallel
 from models.shm_all_reduce import SharedMemoryAllReduce
-from models.tp_shard import check_shardable
+from models.tp_shard import check_shardable, is_sharded
 from server.engine.tp_worker import COLLECTIVE_TIMEOUT, worker_main
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,8 @@ def start_workers(loaded: LoadedModel, config, num_blocks: int) -> "WorkerGroup 
     size = config.tensor_parallel_size
     if size == 1:
         return None
-    check_shardable(loaded.model, size)
+    if not is_sharded(loaded.model):  # a model an earlier engine already cut was checked then
+        check_shardable(loaded.model, size)
     if loaded.device.type == "cuda" and torch.cuda.device_count() < size:
         raise ValueError(f"tensor-parallel size {size} needs {size} GPUs; this machine has {torch.cuda.device_count()}")
     return WorkerGroup(loaded, size, dict(num_blocks=num_blocks, block_size=config.block_size,
@@ -62,12 +64,22 @@ class WorkerGroup:
         self.size, self.failure = size, None
         self.on_failure: list[Callable[[str], None]] = []
         self._closing = threading.Event()
-        backend = "nccl" if loaded.device.type == "cuda" else "gloo"
-        threads = max(1, (os.cpu_count() or 1) // size) if loaded.device.type == "cpu" else None
-        address = f"tcp://127.0.0.1:{_free_port()}"
-        self._shm_path = SharedMemoryAllReduce.create(size) if loaded.device.type == "cpu" else None
-        context = mp.get_context("spawn")  # a fresh interpreter: no forked threads or torch state
         self._conns, self._procs = [], []
+        self._threads_before = torch.get_num_threads()
+        on_cpu = loaded.device.type == "cpu"
+        self._shm_path = _shared_memory_file(size) if on_cpu else None
+        try:
+            self._start(loaded, runner_args, on_cpu)
+        except BaseException:
+            self._abandon()
+            raise
+
+    def _start(self, loaded: LoadedModel, runner_args: dict, on_cpu: bool) -> None:
+        size = self.size
+        backend = "nccl" if not on_cpu else "gloo"
+        threads = max(1, len(os.sched_getaffinity(0)) // size) if on_cpu else None
+        address = f"tcp://127.0.0.1:{_free_port()}"
+        context = mp.get_context("spawn")  # a fresh interpreter: no forked threads or torch state
         for rank in range(1, size):
             ours, theirs = context.Pipe()
             os.set_blocking(ours.fileno(), True)  # non-blocking if gevent patched this process (see tp_worker._receive)
@@ -79,7 +91,6 @@ class WorkerGroup:
             self._conns.append(ours)
             self._procs.append(proc)
             log.info("tensor parallel: started rank %d (pid %d)", rank, proc.pid)
-        self._threads_before = torch.get_num_threads()
         if threads is not None:
             torch.set_num_threads(threads)
         dist.init_process_group(backend, init_method=address, rank=0, world_size=size, timeout=COLLECTIVE_TIMEOUT)
@@ -131,6 +142,17 @@ class WorkerGroup:
         self._unlink_shm()
         log.info("tensor parallel: workers stopped")
 
+    def _abandon(self) -> None:
+        """Undo a start that failed half way: kill what was spawned, free what was made."""
+        self._closing.set()
+        for proc in self._procs:
+            proc.kill()
+            proc.join()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        torch.set_num_threads(self._threads_before)
+        self._unlink_shm()
+
     @property
     def pids(self) -> list[int]:
         return [proc.pid for proc in self._procs]
@@ -157,9 +179,23 @@ class WorkerGroup:
             os.unlink(self._shm_path)
 
 
+def _shared_memory_file(size: int) -> str | None:
+    """The all-reduce mapping for CPU ranks, or None (gloo all-reduces) where it cannot serve:
+    not x86 (its store order is what makes the flags safe), or /dev/shm too small."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        log.info("tensor parallel: all-reduce over gloo (the shared-memory path needs x86's store order)")
+        return None
+    try:
+        return SharedMemoryAllReduce.create(size)
+    except OSError as error:
+        log.warning("tensor parallel: all-reduce over gloo, no room for the shared-memory one (%s)", error)
+        return None
+
+
 def _load_args(loaded: LoadedModel, rank: int) -> dict:
-    """What a worker passes to load_model to build the same model as rank 0."""
-    device = f"cuda:{rank}" if loaded.device.type == "cuda" else "cpu"
+    """What a worker passes to load_model to build the same model as rank 0 (on the rank-th
+    GPU counted from rank 0's)."""
+    device = f"cuda:{(loaded.device.index or 0) + rank}" if loaded.device.type == "cuda" else "cpu"
     return dict(spec=loaded.name, dtype=loaded.dtype, device=device, seed=loaded.seed, overrides=loaded.overrides)
 
 
