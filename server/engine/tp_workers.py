@@ -70,8 +70,8 @@ class WorkerGroup:
         self._shm_path = _shared_memory_file(size) if on_cpu else None
         try:
             self._start(loaded, runner_args, on_cpu)
-        except BaseException:
-            self._abandon()
+        except BaseException:  # a start that failed half way: kill what was spawned, free what was made
+            self.close(grace_s=0)
             raise
 
     def _start(self, loaded: LoadedModel, runner_args: dict, on_cpu: bool) -> None:
@@ -121,18 +121,18 @@ class WorkerGroup:
         for conn in self._conns:
             conn.send(message)
 
-    def close(self) -> None:
-        """Stop every worker (SIGKILL after 10 s) and leave the process group."""
+    def close(self, grace_s: float = 10.0) -> None:
+        """Stop every worker (asked to exit, SIGKILL after grace_s) and leave the process group."""
         if self._closing.is_set():
             return
         self._closing.set()
-        for conn in self._conns:
+        for conn in self._conns if grace_s else ():
             try:
                 conn.send(None)
             except OSError:  # that worker is gone already
                 pass
         for proc in self._procs:
-            proc.join(10)
+            proc.join(grace_s)
             if proc.is_alive():
                 proc.kill()
                 proc.join()
@@ -141,21 +141,6 @@ class WorkerGroup:
         torch.set_num_threads(self._threads_before)
         self._unlink_shm()
         log.info("tensor parallel: workers stopped")
-
-    def _abandon(self) -> None:
-        """Undo a start that failed half way: kill what was spawned, free what was made."""
-        self._closing.set()
-        for proc in self._procs:
-            proc.kill()
-            proc.join()
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        torch.set_num_threads(self._threads_before)
-        self._unlink_shm()
-
-    @property
-    def pids(self) -> list[int]:
-        return [proc.pid for proc in self._procs]
 
     def _monitor(self) -> None:
         from multiprocessing.connection import wait
