@@ -35,10 +35,13 @@ def worker_main(rank: int, size: int, backend: str, address: str, shm_path: str 
     loaded = load_model(**load_args)
     shm = None if shm_path is None else SharedMemoryAllReduce(shm_path, rank, size, COLLECTIVE_TIMEOUT.total_seconds())
     runner = ModelRunner(loaded, tp=TensorParallel(rank, size, shm), **runner_args)
+    # A parent that gevent monkey-patched (anything that imported locust) hands over a
+    # non-blocking socketpair, whose recv() raises EAGAIN; this end blocks until a step comes.
+    os.set_blocking(conn.fileno(), True)
     conn.send("ready")
     steps = 0
     try:
-        while (inputs := _receive(conn)) is not None:
+        while (inputs := conn.recv()) is not None:
             runner.run_forward(inputs)
             steps += 1
     except EOFError:  # rank 0 exited without saying goodbye: nothing left to serve
@@ -46,11 +49,3 @@ def worker_main(rank: int, size: int, backend: str, address: str, shm_path: str 
         sys.exit(1)
     dist.destroy_process_group()
 
-
-def _receive(conn: Connection):
-    """The next message from rank 0, waiting as long as it takes. A parent that gevent has
-    monkey-patched (anything that imported locust) makes its socketpairs non-blocking, and
-    recv() would raise EAGAIN: make the descriptor blocking and wait in select() first."""
-    os.set_blocking(conn.fileno(), True)
-    conn.poll(None)
-    return conn.recv()

@@ -82,7 +82,7 @@ class WorkerGroup:
         context = mp.get_context("spawn")  # a fresh interpreter: no forked threads or torch state
         for rank in range(1, size):
             ours, theirs = context.Pipe()
-            os.set_blocking(ours.fileno(), True)  # non-blocking if gevent patched this process (see tp_worker._receive)
+            os.set_blocking(ours.fileno(), True)  # non-blocking if gevent patched this process (see tp_worker.worker_main)
             args = (rank, size, backend, address, self._shm_path, threads, _load_args(loaded, rank), runner_args,
                     theirs, logging.getLogger().getEffectiveLevel())
             proc = context.Process(target=worker_main, args=args, name=f"nanoserve-tp{rank}", daemon=True)
