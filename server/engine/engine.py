@@ -114,6 +114,9 @@ class Engine:
             raise ValueError("the prompt must contain at least one token")
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
+        # Length first: a prompt of millions of ids is refused before anything scans it (with
+        # the GIL held, which would stall every stream).
+        self.scheduler.check_admissible(len(prompt_token_ids), params.max_tokens)
         if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= self.vocab_size:
             raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
         if params.max_tokens is None:

@@ -79,18 +79,18 @@ class Scheduler:
             RequestRejected: prompt + max_tokens exceed the context length, or the blocks for
                 them exceed the whole KV pool (the request could never run).
         """
-        self._check_admissible(seq)
+        self.check_admissible(seq.num_prompt_tokens, seq.params.max_tokens)
         seq.status = SequenceStatus.WAITING
         if front:
             self.waiting.appendleft(seq)
         else:
             self.waiting.append(seq)
 
-    def _check_admissible(self, seq: Sequence) -> None:
+    def check_admissible(self, num_prompt_tokens: int, max_tokens: int | None) -> None:
+        """Raises RequestRejected when a prompt of this length could never run (see `add`)."""
         # max_tokens None reserves nothing: the engine stops such a seq at the context length.
-        max_tokens = seq.params.max_tokens
-        num_tokens = seq.num_prompt_tokens + (max_tokens or 0)
-        request = f"the request has {seq.num_prompt_tokens} prompt tokens"
+        num_tokens = num_prompt_tokens + (max_tokens or 0)
+        request = f"the request has {num_prompt_tokens} prompt tokens"
         if max_tokens is not None:
             request += f" and max_tokens {max_tokens}"
         if num_tokens > self.max_model_len:
