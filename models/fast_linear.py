@@ -136,10 +136,9 @@ class PackedLinear(nn.Module):
 
 
 def linear_gelu_tanh(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """GELU(tanh) of a linear layer's output, fused into the matmul when the layer is packed."""
-    if isinstance(linear, PackedLinear):
-        return linear.forward_gelu_tanh(x)
-    return F.gelu(linear(x), approximate="tanh")
+    """GELU(tanh) of a linear layer's output, fused into the matmul where the layer can."""
+    fused = getattr(linear, "forward_gelu_tanh", None)  # PackedLinear, Int8Linear
+    return fused(x) if fused is not None else F.gelu(linear(x), approximate="tanh")
 
 
 class PackedEmbedding(nn.Module):
@@ -171,8 +170,10 @@ def pack_linear_layers(model: nn.Module, use_small_batch: bool = True) -> int:
         return 0
     targets = [name for name, module in model.named_modules() if isinstance(module, nn.Linear) and name != "lm_head"]
     for name in targets:  # names, not modules: each original weight is freed as soon as it is packed
-        _replace(model, name, PackedLinear(model.get_submodule(name), use_small_batch))
+        replace_module(model, name, PackedLinear(model.get_submodule(name), use_small_batch))
     packed_head = _pack_lm_head(model, use_small_batch)
+    if not targets and not packed_head:
+        return 0  # e.g. every linear is quantized already
     by_kernel = Counter(m.kernel.name for m in model.modules() if isinstance(m, PackedLinear) and m.kernel is not None)
     kernels = ", ".join(f"{count} with the {name} small-batch kernel" for name, count in by_kernel.items())
     log.info("packed %d linear layers for oneDNN (%s)", len(targets) + packed_head,
@@ -191,10 +192,11 @@ def _pack_lm_head(model: nn.Module, use_small_batch: bool) -> bool:
             if isinstance(module, nn.Embedding) and module.weight is head.weight]
     model.lm_head = packed
     for name in tied:
-        _replace(model, name, PackedEmbedding(packed))
+        replace_module(model, name, PackedEmbedding(packed))
     return True
 
 
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` where the submodule called `name` was."""
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)

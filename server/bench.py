@@ -89,6 +89,18 @@ def matmul_params_per_token(model: torch.nn.Module) -> int:
     return sum(m.in_features * m.out_features for m in linears) + experts
 
 
+def matmul_bytes_per_token(model: torch.nn.Module, quantization: str | None) -> int:
+    """Bytes of those weights as the engine will store them: int8 linears (plus one fp32 scale
+    per output channel) under --quantization int8; routed experts keep the model dtype."""
+    dtype_bytes = next(model.parameters()).element_size()
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    linear_params = sum(m.in_features * m.out_features for m in linears)
+    expert_params = matmul_params_per_token(model) - linear_params
+    if quantization == "int8":
+        return linear_params + 4 * sum(m.out_features for m in linears) + expert_params * dtype_bytes
+    return (linear_params + expert_params) * dtype_bytes
+
+
 def run_engine(loaded: LoadedModel, prompts: list[list[int]], output_len: int, config: EngineConfig,
                grammar: GrammarSpec | None = None) -> BenchResult:
     engine = Engine(loaded, config)
@@ -156,10 +168,12 @@ def _main_step_ms(result: BenchResult) -> float:
     return result.extra["decode_step_ms_median"][max(counts, key=lambda b: (counts[b], b))]
 
 
-def roofline(loaded: LoadedModel, result: BenchResult, peak_gflops: float, read_gbps: float, params: int) -> dict:
+def roofline(loaded: LoadedModel, result: BenchResult, peak_gflops: float, read_gbps: float, params: int,
+             weight_bytes: int) -> dict:
     """Compute and memory floors of the median decode step at the most frequent batch size.
 
-    params: the whole model's matmul weights per token (all tensor-parallel ranks together)."""
+    params: the whole model's matmul weights per token (all tensor-parallel ranks together);
+    weight_bytes: what reading them once takes, as stored (int8 under --quantization int8)."""
     steps, counts = result.extra["decode_step_ms_median"], result.extra["decode_step_counts"]
     if not steps:
         return {}
@@ -168,7 +182,7 @@ def roofline(loaded: LoadedModel, result: BenchResult, peak_gflops: float, read_
     flops = 2 * params * batch
     gemm_only_s = flops / (peak_gflops * 1e9)
     kv_bytes_per_token = loaded.model.kv_cache_spec.bytes_per_block(1, loaded.dtype)
-    step_bytes = params * loaded.dtype.itemsize + kv_bytes_per_token * result.extra["decode_context_tokens_median"][batch]
+    step_bytes = weight_bytes + kv_bytes_per_token * result.extra["decode_context_tokens_median"][batch]
     memory_s = step_bytes / (read_gbps * 1e9)
     return {"decode_batch": batch, "decode_step_ms": round(step_s * 1000, 2),
             "achieved_gflops": round(flops / step_s / 1e9, 1), "peak_gflops": round(peak_gflops, 1),
@@ -185,12 +199,13 @@ def run_bench(args) -> int:
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                           num_kv_blocks=args.num_kv_blocks, enable_prefix_caching=args.enable_prefix_caching,
                           speculative=speculative_config_from_args(args), mla_mode=args.mla_mode,
-                          tensor_parallel_size=args.tensor_parallel_size,
+                          tensor_parallel_size=args.tensor_parallel_size, quantization=args.quantization,
                           **({} if args.kv_cache_memory is None else {"kv_cache_memory": args.kv_cache_memory}))
     if args.tensor_parallel_size > 1 and args.baseline != "none":
         print("nanoserve bench: error: --baseline runs one process; use it with --tensor-parallel-size 1", file=sys.stderr)
         return 2
     matmul_params = matmul_params_per_token(loaded.model)  # the whole model's, before sharding
+    matmul_bytes = matmul_bytes_per_token(loaded.model, args.quantization)
     peak = gemm_peak_gflops(loaded.dtype, loaded.device)
     read_gbps = read_bandwidth_gbps(loaded.device)
     hf_model = None
@@ -201,7 +216,7 @@ def run_bench(args) -> int:
             print(f"nanoserve bench: error: {error}", file=sys.stderr)
             return 2
     results = [run_engine(loaded, prompts, args.output_len, config)]
-    results[0].extra.update(roofline(loaded, results[0], peak, read_gbps, matmul_params))
+    results[0].extra.update(roofline(loaded, results[0], peak, read_gbps, matmul_params, matmul_bytes))
     results[0].extra["peak_rss_gib"] = round(peak_rss_gib(), 2)
     results[0].extra["weights_gib"] = round(weights_gib(loaded.model), 2)  # rank 0's share under TP
     results[0].extra["tensor_parallel_size"] = args.tensor_parallel_size

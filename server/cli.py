@@ -85,8 +85,8 @@ def _run_generate(args) -> int:
 
 
 def _add_bench(sub) -> None:
-    from server.api.server_config import (add_mla_argument, add_speculative_arguments, add_tensor_parallel_argument,
-                                          parse_bytes)
+    from server.api.server_config import (add_mla_argument, add_quantization_argument, add_speculative_arguments,
+                                          add_tensor_parallel_argument, parse_bytes)
 
     p = sub.add_parser("bench", help="offline throughput benchmark (vLLM bench throughput style)")
     _add_model_flags(p)
@@ -109,6 +109,7 @@ def _add_bench(sub) -> None:
     add_speculative_arguments(p)
     add_mla_argument(p)
     add_tensor_parallel_argument(p)
+    add_quantization_argument(p)
     p.set_defaults(run=_run_bench)
 
 

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from models.base import KVCacheSpec
+from models.quantization import QUANTIZATION_METHODS
 
 if TYPE_CHECKING:
     from server.engine.speculative import SpeculativeConfig
@@ -25,6 +26,7 @@ class EngineConfig:
     speculative: "SpeculativeConfig | None" = None  # speculative decoding: n-gram or a draft model
     mla_mode: str = "absorbed"               # MLA models' decode attention: absorbed | naive (models/mla.py)
     tensor_parallel_size: int = 1            # processes that each hold a slice of every weight
+    quantization: str | None = None          # weight-only "int8" for every linear (models/quantization.py)
 
     def __post_init__(self) -> None:
         assert self.max_num_seqs >= 1 and self.max_num_batched_tokens >= 1, "budgets must be positive"
@@ -32,6 +34,7 @@ class EngineConfig:
         assert self.num_kv_blocks is None or self.num_kv_blocks >= 1
         assert self.mla_mode in ("absorbed", "naive"), f"unknown MLA mode {self.mla_mode!r}"
         assert self.tensor_parallel_size >= 1, "tensor_parallel_size must be at least 1"
+        assert self.quantization in (None, *QUANTIZATION_METHODS), f"unknown quantization {self.quantization!r}"
 
     def resolve_num_blocks(self, spec: KVCacheSpec, dtype, max_model_len: int, extra_bytes_per_block: int = 0) -> int:
         """Blocks in the pool: explicit, or what the memory budget buys, capped by what

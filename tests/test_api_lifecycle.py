@@ -102,7 +102,8 @@ def test_serve_help_lists_every_flag():
     for flag in ["--model", "--host", "--port", "--served-model-name", "--dtype", "--device", "--max-model-len",
                  "--max-num-seqs", "--max-num-batched-tokens", "--block-size", "--kv-cache-memory",
                  "--num-kv-blocks", "--enable-prefix-caching", "--no-enable-prefix-caching", "--max-queue",
-                 "--api-key", "--log-level", "--max-request-bytes", "--shutdown-timeout", "--tensor-parallel-size"]:
+                 "--api-key", "--log-level", "--max-request-bytes", "--shutdown-timeout", "--tensor-parallel-size",
+                 "--quantization"]:
         assert flag in out, flag
 
 

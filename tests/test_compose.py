@@ -54,7 +54,8 @@ def test_server_port_health_and_settings(services):
     assert "/health" in " ".join(server["healthcheck"]["test"])
     env = server["environment"]
     assert env["NANOSERVE_PORT"] == "8000" and env["NANOSERVE_HOST"] == "0.0.0.0"
-    for name in ("NANOSERVE_MODEL", "NANOSERVE_MAX_NUM_SEQS", "NANOSERVE_KV_CACHE_MEMORY", "NANOSERVE_TENSOR_PARALLEL_SIZE"):
+    for name in ("NANOSERVE_MODEL", "NANOSERVE_MAX_NUM_SEQS", "NANOSERVE_KV_CACHE_MEMORY", "NANOSERVE_TENSOR_PARALLEL_SIZE",
+                 "NANOSERVE_QUANTIZATION"):
         assert re.fullmatch(r"\$\{%s:-[^}]+\}" % name, env[name]), env[name]
     assert (REPO / server["build"]["context"] / server["build"]["dockerfile"]).resolve() == DOCKERFILE
 

@@ -52,7 +52,8 @@ async def model_info(request: Request) -> dict:
     serving = _serving(request).completions
     return {"model_path": serving.model_name, "served_model_name": serving.model_name, "tokenizer_path": None,
             "is_generation": True, "max_context_length": serving.max_model_len,
-            "tp_size": request.app.state.config.engine.tensor_parallel_size, "dp_size": 1}
+            "tp_size": request.app.state.config.engine.tensor_parallel_size, "dp_size": 1,
+            "quantization": request.app.state.config.engine.quantization}
 
 
 @router.post("/tokenize", response_model=TokenizeResponse, responses=ERROR_RESPONSES)

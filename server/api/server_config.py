@@ -72,6 +72,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     add_speculative_arguments(p)
     add_mla_argument(p)
     add_tensor_parallel_argument(p)
+    add_quantization_argument(p)
     p.add_argument("--max-queue", type=int, default=int(_env("max_queue", 1024)), help="waiting requests before 429")
     p.add_argument("--max-request-bytes", type=int, default=int(_env("max_request_bytes", 1 << 20)), help="larger bodies get 413")
     p.add_argument("--api-key", default=_env("api_key", None), help="require 'Authorization: Bearer KEY' on /v1/*")
@@ -124,6 +125,24 @@ def add_tensor_parallel_argument(p: argparse.ArgumentParser) -> None:
                         "attention heads, the MLP width and the experts")
 
 
+def add_quantization_argument(p: argparse.ArgumentParser) -> None:
+    """--quantization (serve and bench): weight-only int8 linears, made at load from any checkpoint."""
+    from models.quantization import QUANTIZATION_METHODS
+
+    def method(text: str) -> str | None:
+        if text in ("", "none"):
+            return None
+        if text not in QUANTIZATION_METHODS:
+            raise argparse.ArgumentTypeError(f"{text!r} is not one of none, {', '.join(QUANTIZATION_METHODS)}")
+        return text
+
+    # type, not choices: argparse runs a string default (the environment's) through type too
+    p.add_argument("--quantization", "-q", type=method, default=_env("quantization", "none"),
+                   metavar="{none," + ",".join(QUANTIZATION_METHODS) + "}",
+                   help="int8: every linear layer and the LM head as int8 weights with one scale per output channel "
+                        "(half the bytes of bf16; activations keep --dtype)")
+
+
 def speculative_config_from_args(args: argparse.Namespace):
     """A SpeculativeConfig, or None without --speculative. Raises ValueError for bad values."""
     from server.engine.speculative import SpeculativeConfig
@@ -152,7 +171,7 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
         kv_cache_memory=args.kv_cache_memory, num_kv_blocks=args.num_kv_blocks,
         enable_prefix_caching=args.enable_prefix_caching, speculative=speculative_config_from_args(args),
-        mla_mode=args.mla_mode, tensor_parallel_size=args.tensor_parallel_size,
+        mla_mode=args.mla_mode, tensor_parallel_size=args.tensor_parallel_size, quantization=args.quantization,
     )
     return ServerConfig(
         model=args.model, served_model_name=args.served_model_name, host=args.host, port=args.port,

@@ -70,7 +70,8 @@ class Engine:
         self.workers = start_workers(loaded, config, num_blocks)
         try:
             self.runner = ModelRunner(loaded, num_blocks, config.block_size, config.fast_kernels, self.grammars,
-                                      config.mla_mode, self.workers and self.workers.tp, self.workers)
+                                      config.mla_mode, self.workers and self.workers.tp, self.workers,
+                                      config.quantization)
             if self.workers is not None:
                 self.workers.wait_ready()
         except BaseException:

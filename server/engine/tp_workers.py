@@ -52,7 +52,8 @@ def start_workers(loaded: LoadedModel, config, num_blocks: int) -> "WorkerGroup 
     if loaded.device.type == "cuda" and torch.cuda.device_count() < size:
         raise ValueError(f"tensor-parallel size {size} needs {size} GPUs; this machine has {torch.cuda.device_count()}")
     return WorkerGroup(loaded, size, dict(num_blocks=num_blocks, block_size=config.block_size,
-                                          fast_kernels=config.fast_kernels, mla_mode=config.mla_mode))
+                                          fast_kernels=config.fast_kernels, mla_mode=config.mla_mode,
+                                          quantization=config.quantization))
 
 
 class WorkerGroup:
