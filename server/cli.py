@@ -152,6 +152,8 @@ def _run_trace(args) -> int:
 
 
 def _add_eval(sub) -> None:
+    from server.api.server_config import add_quantization_argument
+
     p = sub.add_parser("eval", help="output quality: perplexity on a real text")
     kinds = p.add_subparsers(dest="eval_kind", required=True)
     ppl = kinds.add_parser("perplexity", help="strided-window perplexity and bits per byte through the engine")
@@ -161,6 +163,7 @@ def _add_eval(sub) -> None:
     ppl.add_argument("--stride", type=int, default=None, help="tokens between window starts (default: window / 2)")
     ppl.add_argument("--max-tokens", type=int, default=None, help="score only the text's first N tokens")
     ppl.add_argument("--json", dest="json_path", default=None, help="also write the result as JSON here")
+    add_quantization_argument(ppl)
     ppl.set_defaults(run=_run_perplexity)
 
 

@@ -19,11 +19,13 @@ def perplexity_to_stdout(args) -> int:
         return 2
     loaded = load_model(args.model, dtype=args.dtype, device=args.device, overrides=args.override)
     try:
-        result = perplexity(loaded, args.model, text, path.name, args.window, args.stride, args.max_tokens)
+        result = perplexity(loaded, args.model, text, path.name, args.window, args.stride, args.max_tokens,
+                            args.quantization)
     except ValueError as error:
         print(f"nanoserve eval: error: {error}", file=sys.stderr)
         return 2
-    print(f"{result.model} ({result.dtype}) on {result.corpus}: perplexity {result.perplexity:.3f}, "
+    weights = f", {result.quantization} weights" if result.quantization else ""
+    print(f"{result.model} ({result.dtype}{weights}) on {result.corpus}: perplexity {result.perplexity:.3f}, "
           f"{result.bits_per_byte:.4f} bits/byte, {result.bits_per_token:.4f} bits/token over "
           f"{result.num_scored_tokens} tokens ({result.num_bytes} bytes; window {result.window}, "
           f"stride {result.stride}) in {result.elapsed_s:.1f}s")
