@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from models.cpu_kernels import can_build
 from models.fast_linear import linear_gelu_tanh
 from models.loader import load_model
-from models.quantization import Int8Embedding, Int8Linear, int8_kernel, quantize_int8, quantize_linear_layers
+from models.quantization import QuantizedEmbedding, make_quantized, quantize_linear_layers
+from models.quantized_linear import (Int4Linear, Int8Linear, QuantizedLinear, int4_kernel, int8_kernel,
+                                     pack_nibbles, quantize_int4, quantize_int8, unpack_nibbles)
 from server.config import EngineConfig
 from server.engine.engine import Engine
 from tests.test_engine import greedy, make_prompts
@@ -35,12 +37,21 @@ def _linear(in_features: int, out_features: int, bias: bool = True) -> torch.nn.
     return torch.nn.Linear(in_features, out_features, bias=bias)
 
 
-def _exact(x: torch.Tensor, layer: Int8Linear, linear: torch.nn.Linear) -> torch.Tensor:
-    """(x @ q^T) * s + b in fp64 from the layer's own int8 weight: what both paths approximate
-    only by rounding their output."""
-    q, scale = quantize_int8(linear.weight)
-    assert torch.equal(layer.int8_weight(), q)  # the blocked layout holds exactly the quantized weight
-    y = (x.double() @ q.double().T) * scale.double()
+METHODS = ["int8", "int4", "int4-g64", "int4-g128"]
+
+
+def _exact(x: torch.Tensor, method: str, linear: torch.nn.Linear) -> torch.Tensor:
+    """x @ W^T + b in fp64 from the quantizer's own output: what both paths approximate only by
+    rounding their output."""
+    if method == "int8":
+        q, scale = quantize_int8(linear.weight)
+        w = q.double() * scale.double()[:, None]
+    else:
+        group = int(method.removeprefix("int4").removeprefix("-g") or 32)
+        v, scale, minimum = quantize_int4(linear.weight, group)
+        n, k = v.shape
+        w = (v.double().view(n, -1, group) * scale.double()[..., None] + minimum.double()[..., None]).view(n, k)
+    y = x.double() @ w.T
     return y if linear.bias is None else y + linear.bias.detach().double()
 
 
@@ -54,58 +65,86 @@ def test_quantize_int8_rounds_each_weight_to_its_channels_grid():
     assert torch.equal(q[7], torch.zeros(64, dtype=torch.int8))
 
 
+def test_quantize_int4_spans_each_groups_range():
+    w = torch.randn(8, 128) * torch.logspace(-2, 1, 8)[:, None]
+    w[3, 32:64] = 0.5  # a constant group
+    v, scale, minimum = quantize_int4(w, 32)
+    assert v.dtype == torch.uint8 and v.max() <= 15 and scale.dtype == minimum.dtype == torch.float16
+    assert scale.shape == minimum.shape == (8, 4)
+    dequantized = v.float().view(8, 4, 32) * scale.float()[..., None] + minimum.float()[..., None]
+    step = scale.float()[..., None]
+    # within half a step, plus the fp16 rounding of the minimum and the scale
+    assert torch.all((dequantized - w.view(8, 4, 32)).abs() <= step / 2 + 2e-3 * w.view(8, 4, 32).abs().amax(-1, keepdim=True))
+    assert torch.equal(dequantized[3, 1], torch.full((32,), 0.5))
+
+
+def test_nibbles_round_trip_through_the_kernel_layout():
+    v = torch.randint(0, 16, (100, 96), dtype=torch.uint8)
+    packed = pack_nibbles(v)
+    assert packed.numel() == 128 * 96 // 2  # N padded to whole 64-column blocks
+    assert torch.equal(unpack_nibbles(packed, 100, 96), v)
+
+
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("use_kernel", [False, pytest.param(True, marks=needs_kernel)])
-@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 12, 13, 31, 32, 64])
-@pytest.mark.parametrize("shape,bias", [((64, 96), True), ((96, 100), False), ((768, 2304), True)])
-def test_int8_linear_equals_exact_int8_math(use_kernel, rows, shape, bias):
-    """Both paths, at row counts across the kernel's row tile (6) and widening hand-over (12),
-    with N padded to whole 64-column blocks (100): within bf16 rounding of the exact result."""
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 12, 13, 32, 64])
+@pytest.mark.parametrize("shape,bias", [((128, 96), True), ((128, 100), False), ((768, 2304), True)])
+def test_quantized_linear_equals_exact_math(method, use_kernel, rows, shape, bias):
+    """Both paths, at row counts across the kernels' row tiles (int8: 6, int4: 3) and int8's
+    widening hand-over (12), with N padded to whole 64-column blocks (100): within bf16
+    rounding of the exact result."""
     linear = _linear(*shape, bias=bias).to(torch.bfloat16)
-    layer = Int8Linear(linear, use_kernel=use_kernel)
+    layer = make_quantized(linear, method, use_kernel=use_kernel)
     assert (layer.kernel is not None) == use_kernel
     x = torch.randn(rows, shape[0]).to(torch.bfloat16)
-    expected = _exact(x, layer, linear)
+    expected = _exact(x, method, linear)
     tolerance = dict(atol=1e-2 * expected.abs().max().item(), rtol=1e-2)
     torch.testing.assert_close(layer(x).double(), expected, **tolerance)
     torch.testing.assert_close(linear_gelu_tanh(layer, x).double(), F.gelu(expected, approximate="tanh"), **tolerance)
 
 
 @needs_kernel
-def test_kernel_rows_do_not_depend_on_their_batch():
-    """Row r of a batch is bit-identical to row r alone, in both kernel paths (in registers up to 12
-    rows, through the widened scratch beyond): what keeps greedy output batch-invariant."""
-    layer = Int8Linear(_linear(768, 3072).to(torch.bfloat16))
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_kernel_rows_do_not_depend_on_their_batch(method):
+    """Row r of a batch is bit-identical to row r alone, in every kernel path (int8: in registers
+    up to 12 rows, through the widened scratch beyond): what keeps greedy output batch-invariant."""
+    layer = make_quantized(_linear(768, 3072).to(torch.bfloat16), method)
     x = torch.randn(40, 768).to(torch.bfloat16)
     alone = torch.cat([layer(x[i:i + 1]) for i in range(40)])
     assert torch.equal(layer(x), alone) and torch.equal(layer(x[:9]), alone[:9])
 
 
+@pytest.mark.parametrize("method,bound", [("int8", 0.015), ("int4", 0.12), ("int4-g128", 0.14)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int8_linear_is_close_to_the_float_layer(dtype):
-    """Against the unquantized fp32 layer: per-channel int8 keeps ~0.4% of relative error (GPT-2's
-    MLP shape, activations of unit size); stated bound 1.5% on the output's norm."""
+def test_quantized_linear_is_close_to_the_float_layer(method, bound, dtype):
+    """Against the unquantized fp32 layer, relative error of the output's norm (GPT-2's MLP
+    shape, uniform weights as nn.Linear draws them, activations of unit size): int8 ~0.4%,
+    4-bit ~6.5% (a 16-level grid over a uniform range); stated bounds 2-3x that."""
     linear = _linear(768, 3072)
-    layer = Int8Linear(linear.to(dtype))
+    layer = make_quantized(linear.to(dtype), method)
     x = torch.randn(8, 768)
     expected = linear.float()(x).detach()
     error = (layer(x.to(dtype)).float() - expected).norm() / expected.norm()
-    assert error < 0.015, error
+    assert error < bound, error
 
 
-def test_tied_embedding_reads_the_quantized_head():
-    """GPT-2 ties wte to lm_head: after quantizing, the embedding reads int8 rows times their
-    scale, and the table is stored once."""
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_tied_embedding_reads_the_quantized_head(method):
+    """GPT-2 ties wte to lm_head: after quantizing, the embedding reads the head's dequantized
+    rows, and the table is stored once."""
     loaded = load_model("random:tiny-gpt2", dtype="bfloat16", device="cpu")
     model = loaded.model
     table = model.transformer.wte.weight.detach().clone()
-    quantize_linear_layers(model, "int8")
-    assert isinstance(model.lm_head, Int8Linear) and isinstance(model.transformer.wte, Int8Embedding)
+    quantize_linear_layers(model, method)
+    assert isinstance(model.lm_head, QuantizedLinear) and isinstance(model.transformer.wte, QuantizedEmbedding)
     assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
     ids = torch.tensor([[0, 5, table.shape[0] - 1], [3, 3, 64]])
-    q, scale = quantize_int8(table)
-    expected = (q[ids].float() * scale[ids, None]).to(torch.bfloat16)
-    assert torch.equal(model.transformer.wte(ids), expected)
-    assert (model.transformer.wte(ids).float() - table[ids].float()).abs().max() <= scale.max() / 2 + 1e-2
+    unembedded = torch.eye(table.shape[1])  # x @ W^T with x = I: the head's weight, by its own path
+    expected = make_quantized(torch.nn.Linear(table.shape[1], table.shape[0], bias=False), method, use_kernel=False)
+    expected.load_state_dict(model.lm_head.state_dict())
+    rows = expected.reference(unembedded).T[ids].to(torch.bfloat16)  # (2, 3, C)
+    assert torch.equal(model.transformer.wte(ids), rows)
+    assert (model.transformer.wte(ids).float() - table[ids].float()).abs().max() < 0.2 * table.abs().max()
 
 
 def test_unknown_method_is_refused():
@@ -116,31 +155,35 @@ def test_unknown_method_is_refused():
 
 # ---- the engine on a quantized model --------------------------------------------------------
 
-def _quantized_engine(name: str, fast_kernels: bool = True, **config) -> Engine:
+def _quantized_engine(name: str, method: str, fast_kernels: bool = True, **config) -> Engine:
     loaded = load_model(name, dtype="bfloat16", device="cpu")
-    return Engine(loaded, EngineConfig(quantization="int8", fast_kernels=fast_kernels, **config))
+    return Engine(loaded, EngineConfig(quantization=method, fast_kernels=fast_kernels, **config))
 
 
 @needs_kernel
-def test_kernel_and_reference_path_give_the_same_greedy_tokens():
-    """The same quantized model through the int8 kernel and through the PyTorch reference."""
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_kernel_and_reference_path_give_the_same_greedy_tokens(method):
+    """The same quantized model through the kernel and through the PyTorch reference."""
     prompts = make_prompts(4, seed=3)
-    outputs = [[c[0].token_ids for c in _quantized_engine("random:tiny-qwen2", fast, num_kv_blocks=64,
+    outputs = [[c[0].token_ids for c in _quantized_engine("random:tiny-qwen2", method, fast, num_kv_blocks=64,
                                                            block_size=4).generate(prompts, greedy())]
                for fast in (False, True)]
     assert outputs[0] == outputs[1]
 
 
+@pytest.mark.parametrize("method", ["int8", "int4"])
 @pytest.mark.parametrize("name,config", [
     ("random:tiny-gpt2", dict(num_kv_blocks=256, block_size=4, enable_prefix_caching=True)),
     ("random:tiny-gpt2", dict(num_kv_blocks=256, block_size=4, enable_prefix_caching=False)),
     ("random:tiny-qwen3", dict(num_kv_blocks=24, block_size=4, max_num_batched_tokens=64)),  # preempts
 ])
-def test_engine_invariants_hold_on_an_int8_model(name, config):
+def test_engine_invariants_hold_on_a_quantized_model(method, name, config):
     """Greedy output alone equals output in a batch, with and without prefix caching and under
     preemption; no KV block leaks."""
-    engine = _quantized_engine(name, **config)
-    assert any(isinstance(m, Int8Linear) for m in engine.runner.model.modules())
+    engine = _quantized_engine(name, method, **config)
+    kind = Int8Linear if method == "int8" else Int4Linear
+    assert not any(isinstance(m, torch.nn.Linear) for m in engine.runner.model.modules())
+    assert any(isinstance(m, kind) for m in engine.runner.model.modules())
     prompts = make_prompts(12, seed=1)
     alone = [engine.generate([p], greedy())[0][0].token_ids for p in prompts]
     batched = [c[0].token_ids for c in engine.generate(prompts, greedy())]
@@ -152,17 +195,20 @@ def test_engine_invariants_hold_on_an_int8_model(name, config):
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
-def test_quantized_model_has_half_the_weight_bytes():
+@pytest.mark.parametrize("method,low,high", [("int8", 0.45, 0.56), ("int4", 0.25, 0.36), ("int4-g128", 0.22, 0.33)])
+def test_quantized_model_weight_bytes(method, low, high):
+    """int8: ~half of bf16; 4-bit: 4.5 bits a weight at group 32 (fp16 scale and minimum), 4.125
+    at 128; GPT-2's position table and norms stay bf16."""
     loaded = load_model("random:gpt2", dtype="bfloat16", device="cpu", overrides={"layers": "2"})
     before = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
-    quantize_linear_layers(loaded.model, "int8")
+    quantize_linear_layers(loaded.model, method)
     after = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
-    assert 0.45 < after / before < 0.56, (before, after)  # int8 linears + fp32 scales; norms and wpe stay
+    assert low < after / before < high, (before, after)
 
 
-def test_kernel_is_available_where_the_cpu_has_avx512_bf16():
+def test_kernels_are_available_where_the_cpu_has_avx512_bf16():
     if can_build() and has_avx512_bf16():
-        assert int8_kernel() is not None
+        assert int8_kernel() is not None and int4_kernel() is not None
 
 
 # ---- serving ---------------------------------------------------------------------------------
@@ -183,4 +229,4 @@ def test_server_serves_an_int8_model_chosen_by_environment():
 def test_an_unknown_method_ends_the_cli_with_one_sentence():
     done = subprocess.run([sys.executable, "-m", "server", "--model", "random:tiny-gpt2", "--quantization", "int3"],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert done.returncode == 2 and "'int3' is not one of none, int8" in done.stderr and "Traceback" not in done.stderr
+    assert done.returncode == 2 and "'int3' is not one of none, int8, int4" in done.stderr and "Traceback" not in done.stderr

@@ -1,0 +1,188 @@
+"""Linear layers over quantized weights: int8 per output channel, 4-bit per group of K.
+
+    Int8Linear   q int8, one fp32 scale s per output channel:          W[n, k] = s[n] q[n, k]
+    Int4Linear   v in 0..15, a scale d and a minimum m per group of G:  W[n, k] = d[n, g] v[n, k] + m[n, g]
+                 (g = k // G; GGUF's Q4_1, and Q4_0 with m = -8 d)
+
+Each runs two paths over the same storage: a C++ kernel for bf16 activations on CPUs with
+AVX512-BF16 (models/csrc/int8_linear.cpp, int4_linear.cpp), which reads the quantized bytes and
+widens them in registers, and a PyTorch reference everywhere else (other CPUs, fp32 models, GPUs),
+which dequantizes the whole weight on every call. The weights are stored in the kernels' layout:
+64-column blocks of k-pairs (N padded to 64), the layout of the bf16 AVX512-BF16 kernel.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models.cpu_kernels import load_kernel
+from models.fast_linear import PAIRS64_LAYOUT
+
+_GELU_TANH = 1  # activation code of the kernels
+COLS = PAIRS64_LAYOUT.cols  # 64 columns a block
+
+
+def _frozen(t: torch.Tensor) -> nn.Parameter:
+    # Parameters (frozen), not buffers: they are the layer's weights wherever weights are counted.
+    return nn.Parameter(t.contiguous(), requires_grad=False)
+
+
+class QuantizedLinear(nn.Module):
+    """Drop-in for nn.Linear; subclasses store the weight and provide both paths."""
+
+    kernel: Callable | None
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.bias = None if linear.bias is None else _frozen(linear.bias.detach().float())  # (N,) fp32
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._linear(x, gelu_tanh=False)
+
+    def forward_gelu_tanh(self, x: torch.Tensor) -> torch.Tensor:
+        """gelu(linear(x), approximate="tanh"), applied before rounding where the kernel runs."""
+        return self._linear(x, gelu_tanh=True)
+
+    def _linear(self, x: torch.Tensor, gelu_tanh: bool) -> torch.Tensor:
+        lead = x.shape[:-1]
+        rows = x.reshape(-1, self.in_features)  # (M, K)
+        if self.kernel is not None and x.dtype == torch.bfloat16:
+            y = self._run_kernel(rows, _GELU_TANH if gelu_tanh else 0)
+        else:
+            y = self.reference(rows)
+            if gelu_tanh:
+                y = F.gelu(y, approximate="tanh")
+        return y.reshape(*lead, self.out_features)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        """(M, K) -> (M, N) in PyTorch from the dequantized weight."""
+        return F.linear(x, self.dequantize().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def dequantize(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The weight (or its rows `rows`) in fp32: (N or T, K)."""
+        raise NotImplementedError
+
+    def _run_kernel(self, rows: torch.Tensor, activation: int) -> torch.Tensor:
+        raise NotImplementedError
+
+
+# ---- int8 -------------------------------------------------------------------------------------
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: (N, K) float -> q (N, K) int8, scale (N,) fp32."""
+    w = weight.detach().float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # (N,); an all-zero row stays zero
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def int8_kernel() -> Callable | None:
+    """The compiled int8 kernel, or None where this CPU or build cannot run it."""
+    module = load_kernel("nanoserve_int8_linear", "int8_linear.cpp")
+    return module.int8_linear if module is not None and module.int8_linear_available() else None
+
+
+class Int8Linear(QuantizedLinear):
+    def __init__(self, linear: nn.Linear, use_kernel: bool = True):
+        super().__init__(linear)
+        q, scale = quantize_int8(linear.weight)
+        self.qweight = _frozen(PAIRS64_LAYOUT.order(q))  # (ceil(N/64) 64 K,) int8
+        self.scale = _frozen(scale)                        # (N,) fp32
+        on_cpu = linear.weight.device.type == "cpu"
+        self.kernel = int8_kernel() if use_kernel and on_cpu and self.in_features % 2 == 0 else None
+
+    def int8_weight(self) -> torch.Tensor:
+        """q as (N, K) int8, out of the blocked layout (a copy)."""
+        blocked = self.qweight.view(-1, self.in_features // 2, COLS, 2)  # [n/64][k/2][n%64][k%2]
+        return blocked.permute(0, 2, 1, 3).reshape(-1, self.in_features)[:self.out_features]
+
+    def dequantize(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        if rows is None:
+            return self.int8_weight().float() * self.scale[:, None]
+        q = PAIRS64_LAYOUT.rows(self.qweight, rows, self.in_features)  # (T, K) int8
+        return q.float() * self.scale[rows, None]
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        """q widened to x's dtype (exact), one matmul, then the scale in fp32."""
+        y = F.linear(x, self.int8_weight().to(x.dtype)).float() * self.scale  # (M, N)
+        return (y if self.bias is None else y + self.bias).to(x.dtype)
+
+    def _run_kernel(self, rows: torch.Tensor, activation: int) -> torch.Tensor:
+        return self.kernel(rows, self.qweight, self.scale, self.bias, self.out_features, activation)
+
+
+# ---- 4-bit, group-wise ------------------------------------------------------------------------
+
+def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric 4-bit per group of `group_size` along K (min/max, as Q4_1), with fp16 scale
+    and minimum: (N, K) float -> v (N, K) uint8 in 0..15, scale (N, K/G) fp16, minimum (N, K/G) fp16."""
+    n, k = weight.shape
+    w = weight.detach().float().view(n, k // group_size, group_size)  # (N, groups, G)
+    low, high = w.amin(dim=-1), w.amax(dim=-1)                        # (N, groups)
+    scale, low = ((high - low) / 15).half(), low.half()               # rounded first: v is chosen for them
+    v = torch.round((w - low.float()[..., None]) / scale.float().clamp(min=1e-12)[..., None]).clamp(0, 15)
+    return v.to(torch.uint8).view(n, k), scale, low
+
+
+def pack_nibbles(v: torch.Tensor) -> torch.Tensor:
+    """v (N, K) in 0..15 -> the kernel's bytes (ceil(N/64) 64 K / 2,): per block and k-pair, 32
+    little-endian words whose nibble j (bits 4j..4j+3) is column 16 j + word / 2, k = 2p + word % 2."""
+    n, k = v.shape
+    padded = F.pad(v.to(torch.int32), (0, 0, 0, -(-n // COLS) * COLS - n))
+    t = padded.view(-1, 4, 16, k // 2, 2).permute(0, 3, 2, 4, 1)  # [n/64][p][c][k%2][j], column 16 j + c
+    words = t[..., 0] | t[..., 1] << 4 | t[..., 2] << 8 | t[..., 3] << 12  # (NB, P, 16, 2)
+    return words.to(torch.int16).flatten().view(torch.uint8)  # int32 -> int16 keeps the low 16 bits
+
+
+def unpack_nibbles(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """pack_nibbles' inverse: (N, K) uint8."""
+    words = packed.view(torch.int16).to(torch.int32).view(-1, k // 2, 16, 2) & 0xFFFF  # [n/64][p][c][k%2]
+    nibbles = torch.stack([(words >> (4 * j)) & 15 for j in range(4)], dim=1)  # [n/64][j][p][c][k%2]
+    return nibbles.permute(0, 1, 3, 2, 4).reshape(-1, k)[:n].to(torch.uint8)  # rows 64 b + 16 j + c
+
+
+def to_blocks(per_group: torch.Tensor) -> torch.Tensor:
+    """(N, groups) -> (ceil(N/64), groups, 64), padded with zeros: what the kernel reads."""
+    n, groups = per_group.shape
+    padded = F.pad(per_group, (0, 0, 0, -(-n // COLS) * COLS - n))
+    return padded.view(-1, COLS, groups).transpose(1, 2).contiguous()
+
+
+def from_blocks(blocked: torch.Tensor, n: int) -> torch.Tensor:
+    return blocked.transpose(1, 2).reshape(-1, blocked.shape[1])[:n]  # (N, groups)
+
+
+def int4_kernel() -> Callable | None:
+    """The compiled 4-bit kernel, or None where this CPU or build cannot run it."""
+    module = load_kernel("nanoserve_int4_linear", "int4_linear.cpp")
+    return module.int4_linear if module is not None and module.int4_linear_available() else None
+
+
+class Int4Linear(QuantizedLinear):
+    def __init__(self, linear: nn.Linear, group_size: int = 32, use_kernel: bool = True):
+        super().__init__(linear)
+        if self.in_features % group_size:
+            raise ValueError(f"{self.in_features} input features do not split into groups of {group_size}")
+        self.group_size = group_size
+        v, scale, minimum = quantize_int4(linear.weight, group_size)
+        self.nibbles = _frozen(pack_nibbles(v))             # (ceil(N/64) 64 K / 2,) uint8
+        self.scale = _frozen(to_blocks(scale))              # (ceil(N/64), groups, 64) fp16
+        self.minimum = _frozen(to_blocks(minimum))          # (ceil(N/64), groups, 64) fp16
+        on_cpu = linear.weight.device.type == "cpu"
+        self.kernel = int4_kernel() if use_kernel and on_cpu and group_size % 32 == 0 else None
+
+    def dequantize(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        n, k, g = self.out_features, self.in_features, self.group_size
+        v = unpack_nibbles(self.nibbles, n, k).float().view(n, k // g, g)
+        scale = from_blocks(self.scale, n).float()
+        minimum = from_blocks(self.minimum, n).float()
+        w = (v * scale[..., None] + minimum[..., None]).view(n, k)
+        return w if rows is None else w[rows]
+
+    def _run_kernel(self, rows: torch.Tensor, activation: int) -> torch.Tensor:
+        return self.kernel(rows, self.nibbles, self.scale, self.minimum, self.bias, self.out_features,
+                           self.group_size, activation)
