@@ -63,16 +63,21 @@ def load_gguf(path: Path) -> tuple[torch.nn.Module, "Tokenizer", int]:
     tensors = {t.name: dequantize(t) for t in tqdm(reader.tensors, desc="dequantizing", unit="tensor")}
     if arch == "deepseek2":
         model, state_dict, max_len = build_deepseek2(meta, tensors)
-    elif arch == "gpt2":
-        model, max_len = _gpt2_model(meta)
-        state_dict = {_gpt2_name(k): v for k, v in tensors.items()}
     else:
-        model, max_len = _qwen_model(meta, arch, tied="output.weight" not in tensors)
-        if arch == "llama":
-            _unpermute_llama_qk(tensors, model.config)
-        state_dict = hf_to_qwen_state_dict({_qwen_name(k): v for k, v in tensors.items()})
+        model, max_len = _gpt2_model(meta) if arch == "gpt2" else _qwen_model(meta, arch, tied="output.weight" not in tensors)
+        state_dict = gguf_state_dict(arch, model, tensors)
     load_state_dict(model, state_dict)
     return model, tokenizer_from_gguf(reader), max_len
+
+
+def gguf_state_dict(arch: str, model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """GGUF-named tensors -> our parameter names: renamed, llama's q/k rows unpermuted, q/k/v and
+    gate/up fused. Row operations only, so it maps any per-row data (models/gguf_quantized.py)."""
+    if arch == "gpt2":
+        return {_gpt2_name(k): v for k, v in tensors.items()}
+    if arch == "llama":
+        _unpermute_llama_qk(tensors, model.config)
+    return hf_to_qwen_state_dict({_qwen_name(k): v for k, v in tensors.items()})
 
 
 class GGUFMetadata:

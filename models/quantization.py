@@ -1,8 +1,9 @@
 """Weight-only quantization of linear layers (`--quantization`), at load, from any checkpoint.
 
     int8                    one fp32 scale per output channel: half the bytes of bf16
-    int4, int4-g64, -g128   4-bit, a scale and a minimum per group of 32 (64, 128) weights along
-                            K: ~0.31 (0.28, 0.27) of bf16's bytes with the fp32 scales
+    int4, int4-g64, -g128   4-bit, an fp16 scale and minimum per group of 32 (64, 128) weights
+                            along K: 4.5 (4.25, 4.125) bits a weight
+    gguf                    a GGUF file's Q4_0 / Q4_1 tensors as stored (models/gguf_quantized.py)
 
 Activations stay bf16 (or fp32). Every nn.Linear is replaced (models/quantized_linear.py), the LM
 head included; a token embedding tied to the head reads its rows out of the quantized head
@@ -21,7 +22,16 @@ from models.quantized_linear import Int4Linear, Int8Linear, QuantizedLinear
 
 log = logging.getLogger(__name__)
 
-QUANTIZATION_METHODS = ("int8", "int4", "int4-g64", "int4-g128")
+QUANTIZATION_METHODS = ("int8", "int4", "int4-g64", "int4-g128", "gguf")
+
+
+def quantize_model(model: nn.Module, spec: str, method: str, use_kernel: bool = True) -> int:
+    """Quantize `model` (loaded from `spec`) in place; returns how many linears changed."""
+    if method == "gguf":
+        from models.gguf_quantized import keep_gguf_weights
+
+        return keep_gguf_weights(model, spec, use_kernel)
+    return quantize_linear_layers(model, method, use_kernel)
 
 
 def make_quantized(linear: nn.Linear, method: str, use_kernel: bool = True) -> QuantizedLinear:
@@ -48,7 +58,7 @@ class QuantizedEmbedding(nn.Module):
 
 def quantize_linear_layers(model: nn.Module, method: str, use_kernel: bool = True) -> int:
     """Replace every nn.Linear (the LM head too) by its quantized form; returns how many."""
-    if method not in QUANTIZATION_METHODS:
+    if method not in QUANTIZATION_METHODS or method == "gguf":
         raise ValueError(f"unknown quantization {method!r}; choose one of {', '.join(QUANTIZATION_METHODS)}")
     head = getattr(model, "lm_head", None)
     tied = [name for name, module in model.named_modules()

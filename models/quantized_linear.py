@@ -163,12 +163,14 @@ def int4_kernel() -> Callable | None:
 
 
 class Int4Linear(QuantizedLinear):
-    def __init__(self, linear: nn.Linear, group_size: int = 32, use_kernel: bool = True):
+    def __init__(self, linear: nn.Linear, group_size: int = 32, use_kernel: bool = True,
+                 parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None):
+        """parts: (v, scale, minimum) already quantized (a GGUF file's); else `linear` is quantized."""
         super().__init__(linear)
         if self.in_features % group_size:
             raise ValueError(f"{self.in_features} input features do not split into groups of {group_size}")
         self.group_size = group_size
-        v, scale, minimum = quantize_int4(linear.weight, group_size)
+        v, scale, minimum = parts if parts is not None else quantize_int4(linear.weight, group_size)
         self.nibbles = _frozen(pack_nibbles(v))             # (ceil(N/64) 64 K / 2,) uint8
         self.scale = _frozen(to_blocks(scale))              # (ceil(N/64), groups, 64) fp16
         self.minimum = _frozen(to_blocks(minimum))          # (ceil(N/64), groups, 64) fp16

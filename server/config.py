@@ -26,7 +26,7 @@ class EngineConfig:
     speculative: "SpeculativeConfig | None" = None  # speculative decoding: n-gram or a draft model
     mla_mode: str = "absorbed"               # MLA models' decode attention: absorbed | naive (models/mla.py)
     tensor_parallel_size: int = 1            # processes that each hold a slice of every weight
-    quantization: str | None = None          # weight-only "int8" for every linear (models/quantization.py)
+    quantization: str | None = None          # weight-only int8 / int4 / gguf linears (models/quantization.py)
 
     def __post_init__(self) -> None:
         assert self.max_num_seqs >= 1 and self.max_num_batched_tokens >= 1, "budgets must be positive"

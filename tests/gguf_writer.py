@@ -32,8 +32,13 @@ def gguf_name(hf_name: str) -> str:
     return f"blk.{layer}.{LAYER_NAMES[module]}.{kind}"
 
 
-def write_gguf(path, hf_model, arch: str, tokenizer_source: str, quantize_ffn: bool = False) -> None:
+def write_gguf(path, hf_model, arch: str, tokenizer_source: str, quantize_ffn: bool = False,
+               types: dict[str, gguf.GGMLQuantizationType] | None = None) -> None:
+    """quantize_ffn: MLP tensors as Q8_0; types: tensor type by a substring of the HF name."""
     cfg = hf_model.config
+    types = dict(types or {})
+    if quantize_ffn:
+        types[".mlp."] = gguf.GGMLQuantizationType.Q8_0
     source = gguf.GGUFReader(tokenizer_source)
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(cfg.num_hidden_layers)
@@ -69,9 +74,10 @@ def write_gguf(path, hf_model, arch: str, tokenizer_source: str, quantize_ffn: b
             data = permute_for_interleaved_rope(data, cfg.num_attention_heads)
         elif arch == "llama" and ".k_proj." in name:
             data = permute_for_interleaved_rope(data, cfg.num_key_value_heads)
-        if quantize_ffn and ".mlp." in name:
-            q = gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0)
-            writer.add_tensor(gguf_name(name), q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        kind = next((t for part, t in types.items() if part in name), None)
+        if kind is not None:
+            q = gguf.quants.quantize(data, kind)
+            writer.add_tensor(gguf_name(name), q, raw_shape=q.shape, raw_dtype=kind)
         else:
             writer.add_tensor(gguf_name(name), np.ascontiguousarray(data))
     writer.write_header_to_file()

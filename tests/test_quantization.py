@@ -229,4 +229,4 @@ def test_server_serves_an_int8_model_chosen_by_environment():
 def test_an_unknown_method_ends_the_cli_with_one_sentence():
     done = subprocess.run([sys.executable, "-m", "server", "--model", "random:tiny-gpt2", "--quantization", "int3"],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert done.returncode == 2 and "'int3' is not one of none, int8, int4" in done.stderr and "Traceback" not in done.stderr
+    assert done.returncode == 2 and "'int3' is not one of none, int8, int4, int4-g64, int4-g128, gguf" in done.stderr and "Traceback" not in done.stderr

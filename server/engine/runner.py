@@ -27,7 +27,7 @@ import torch
 
 from models.attention import DecodeWorkspace, build_attention_metadata
 from models.fast_linear import pack_linear_layers
-from models.quantization import is_quantized, quantize_linear_layers
+from models.quantization import is_quantized, quantize_model
 from models.fused_attention import decode_kernel, describe_decode_path
 from models.layers import RMSNorm, rms_norm_kernel
 from models.loader import LoadedModel
@@ -76,7 +76,7 @@ class ModelRunner:
                  tp: TensorParallel | None = None, workers=None, quantization: str | None = None):
         """tp: this rank's place in a tensor-parallel group (the model is sharded here);
         workers: on rank 0, the WorkerGroup each step's inputs are sent to first;
-        quantization: "int8" replaces every linear by its weight-only int8 form here."""
+        quantization: a --quantization method (models/quantization.py), applied to the linears here."""
         self.model, self.device, self.block_size = loaded.model, loaded.device, block_size
         self.stop_token_ids = list(loaded.tokenizer.stop_token_ids)
         self.vocab_size = self.model.vocab_parallel.vocab_size or self.model.lm_head.out_features  # V, not a shard
@@ -92,7 +92,7 @@ class ModelRunner:
         if is_mla:
             self.model.set_mla_mode(mla_mode)  # before packing or quantizing: the absorbed path splits kv_b_proj's weight
         if quantization is not None and not is_quantized(self.model):  # a second engine reuses the model
-            quantize_linear_layers(self.model, quantization, use_kernel=fast_kernels)
+            quantize_model(self.model, loaded.name, quantization, use_kernel=fast_kernels)
         if fast_kernels:
             pack_linear_layers(self.model)
             self.use_fused_decode = self.device.type == "cpu" and decode_kernel() is not None and not is_mla

@@ -1,0 +1,114 @@
+"""`--quantization gguf`: a GGUF file's Q4_0 / Q4_1 tensors are served as stored. Their values
+and scales, read without dequantizing, equal the `gguf` package's own dequantization bit for
+bit, through every rename, llama q/k unpermutation and q/k/v or gate/up fusion the loader does."""
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from models.builtin import builtin_model_path
+from models.gguf_quantized import read_q4
+from models.loader import load_model
+from models.quantization import quantize_model
+from models.quantized_linear import Int4Linear
+from server.config import EngineConfig
+from server.engine.engine import Engine
+from tests.gguf_writer import write_gguf
+from tests.test_engine import greedy
+from tests.test_quantization import needs_kernel
+
+T = gguf.GGMLQuantizationType
+DEFAULT_GGUF = builtin_model_path("smollm2-135m-instruct")
+# q/k/v Q4_0 (fused, and q/k unpermuted), gate/up Q4_1 (fused), down Q4_0, o_proj Q8_0 (not kept)
+MIXED = {".q_proj.": T.Q4_0, ".k_proj.": T.Q4_0, ".v_proj.": T.Q4_0, ".gate_proj.": T.Q4_1,
+         ".up_proj.": T.Q4_1, ".down_proj.": T.Q4_0, ".o_proj.": T.Q8_0}
+
+
+def _prompts(num: int) -> list[list[int]]:  # ids within SmolLM2's 49152
+    return [[(i * 3571 + j * 911) % 49152 for j in range(5 + 3 * i)] for i in range(num)]
+
+
+def _gguf_dequantized(tensor) -> torch.Tensor:
+    return torch.from_numpy(np.array(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32))
+
+
+def _dequantized(v: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:
+    n, k = v.shape
+    return (v.float().view(n, -1, 32) * scale.float()[..., None] + minimum.float()[..., None]).view(n, k)
+
+
+@pytest.fixture(scope="module")
+def mixed_gguf(tmp_path_factory):
+    """A tiny llama GGUF with Q4_0, Q4_1 and Q8_0 linears (SmolLM2's tokenizer)."""
+    import transformers
+
+    from tests.conftest import TINY
+
+    torch.manual_seed(5)
+    hf_model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY, vocab_size=49152, tie_word_embeddings=True))
+    path = tmp_path_factory.mktemp("gguf") / "mixed.gguf"
+    write_gguf(path, hf_model.eval(), "llama", str(DEFAULT_GGUF), types=MIXED)
+    return path
+
+
+def test_default_models_q4_1_tensors_equal_gguf_dequantization():
+    reader = gguf.GGUFReader(DEFAULT_GGUF)
+    names = ["blk.0.attn_q.weight", "blk.7.ffn_down.weight", "blk.29.ffn_up.weight"]
+    for tensor in (t for t in reader.tensors if t.name in names):
+        assert tensor.tensor_type == T.Q4_1
+        v, scale, minimum = read_q4(tensor)
+        assert v.dtype == torch.uint8 and v.max() <= 15 and scale.dtype == torch.float16
+        assert torch.equal(_dequantized(v, scale, minimum), _gguf_dequantized(tensor)), tensor.name
+
+
+def test_q4_0_tensors_equal_gguf_dequantization(mixed_gguf):
+    tensors = [t for t in gguf.GGUFReader(mixed_gguf).tensors if t.tensor_type == T.Q4_0]
+    assert len(tensors) == 2 * 4  # q, k, v, down in each of 2 layers
+    for tensor in tensors:
+        assert torch.equal(_dequantized(*read_q4(tensor)), _gguf_dequantized(tensor)), tensor.name
+
+
+def test_kept_layers_hold_the_files_weights_after_renames_unpermutes_and_fusions(mixed_gguf):
+    """Loaded in float32, each linear holds gguf's dequantization of its tensors (fused and
+    unpermuted by the loader); after --quantization gguf each Int4Linear dequantizes to exactly
+    that, and the Q8_0 o_proj stays a float layer."""
+    model = load_model(str(mixed_gguf), dtype="float32", device="cpu").model
+    loaded_weights = {name: m.weight.detach().clone() for name, m in model.named_modules()
+                      if isinstance(m, torch.nn.Linear)}
+    assert quantize_model(model, str(mixed_gguf), "gguf") == 2 * 3  # qkv, gate_up, down per layer
+    kept = {name: m for name, m in model.named_modules() if isinstance(m, Int4Linear)}
+    assert sorted(kept) == sorted(n for n in loaded_weights if "o_proj" not in n and n != "lm_head")
+    for name, layer in kept.items():
+        assert torch.equal(layer.dequantize(), loaded_weights[name]), name
+    assert isinstance(model.get_submodule("model.layers.0.self_attn.o_proj"), torch.nn.Linear)
+
+
+def test_greedy_output_equals_the_dequantized_model(mixed_gguf):
+    """float32: the kept layers compute with the very weights the dequantizing loader makes."""
+    outputs = []
+    for method in (None, "gguf"):
+        loaded = load_model(str(mixed_gguf), dtype="float32", device="cpu")
+        engine = Engine(loaded, EngineConfig(num_kv_blocks=64, block_size=4, quantization=method))
+        outputs.append([c[0].token_ids for c in engine.generate(_prompts(4), greedy())])
+    assert outputs[0] == outputs[1]
+
+
+@needs_kernel
+def test_kernel_serves_the_default_model_like_the_reference_path():
+    """The real SmolLM2 GGUF (every linear Q4_1), bf16, two layers: the 4-bit kernel and the
+    PyTorch reference give the same greedy tokens."""
+    outputs = []
+    for fast in (False, True):
+        loaded = load_model("smollm2-135m-instruct", dtype="bfloat16", device="cpu", overrides={"layers": "2"})
+        engine = Engine(loaded, EngineConfig(num_kv_blocks=64, block_size=4, quantization="gguf", fast_kernels=fast))
+        assert sum(isinstance(m, Int4Linear) for m in engine.runner.model.modules()) == 2 * 4
+        outputs.append([c[0].token_ids for c in engine.generate(_prompts(3), greedy())])
+    assert outputs[0] == outputs[1]
+
+
+def test_a_model_that_is_not_gguf_is_refused():
+    loaded = load_model("random:tiny-qwen2", dtype="float32", device="cpu")
+    with pytest.raises(ValueError, match="'random:tiny-qwen2' is not a GGUF file"):
+        Engine(loaded, EngineConfig(num_kv_blocks=16, quantization="gguf"))
