@@ -112,3 +112,9 @@ def test_a_model_that_is_not_gguf_is_refused():
     loaded = load_model("random:tiny-qwen2", dtype="float32", device="cpu")
     with pytest.raises(ValueError, match="'random:tiny-qwen2' is not a GGUF file"):
         Engine(loaded, EngineConfig(num_kv_blocks=16, quantization="gguf"))
+
+
+def test_tensor_parallel_is_refused_before_any_worker_starts(mixed_gguf):
+    loaded = load_model(str(mixed_gguf), dtype="float32", device="cpu")
+    with pytest.raises(ValueError, match="--quantization gguf keeps the file's tensors whole"):
+        Engine(loaded, EngineConfig(num_kv_blocks=16, quantization="gguf", tensor_parallel_size=2))

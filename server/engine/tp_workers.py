@@ -47,6 +47,8 @@ def start_workers(loaded: LoadedModel, config, num_blocks: int) -> "WorkerGroup 
     size = config.tensor_parallel_size
     if size == 1:
         return None
+    if config.quantization == "gguf":
+        raise ValueError("--quantization gguf keeps the file's tensors whole; it runs with --tensor-parallel-size 1")
     if not is_sharded(loaded.model):  # a model an earlier engine already cut was checked then
         check_shardable(loaded.model, size)
     if loaded.device.type == "cuda" and torch.cuda.device_count() < size:
