@@ -89,16 +89,26 @@ def matmul_params_per_token(model: torch.nn.Module) -> int:
     return sum(m.in_features * m.out_features for m in linears) + experts
 
 
-def matmul_bytes_per_token(model: torch.nn.Module, quantization: str | None) -> int:
-    """Bytes of those weights as the engine will store them: int8 linears (plus one fp32 scale
-    per output channel) under --quantization int8; routed experts keep the model dtype."""
-    dtype_bytes = next(model.parameters()).element_size()
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    linear_params = sum(m.in_features * m.out_features for m in linears)
-    expert_params = matmul_params_per_token(model) - linear_params
-    if quantization == "int8":
-        return linear_params + 4 * sum(m.out_features for m in linears) + expert_params * dtype_bytes
-    return (linear_params + expert_params) * dtype_bytes
+def matmul_bytes_per_token(model: torch.nn.Module, tensor_parallel_size: int = 1) -> int:
+    """Bytes of those weights as the engine stores them (call after it built: packed, quantized,
+    sharded), all ranks together: float linears at their dtype, quantized ones at their values
+    and scales, the top-k routed experts of each MoE layer."""
+    from models.fast_linear import PackedLinear
+    from models.moe import moe_layers
+    from models.quantized_linear import QuantizedLinear
+
+    linears = 0  # one rank's share
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Linear, PackedLinear)):
+            weight = m.weight if isinstance(m, torch.nn.Linear) else m.packed_weight
+            linears += m.in_features * m.out_features * weight.dtype.itemsize
+        elif isinstance(m, QuantizedLinear):
+            linears += sum(p.numel() * p.element_size() for name, p in m.named_parameters() if name != "bias")
+    experts = 0  # the top-k experts a token visits, wherever they live
+    for layer in moe_layers(model):
+        e = layer.experts
+        experts += layer.gate.config.top_k * (e.gate_up_proj[0].numel() + e.down_proj[0].numel()) * e.gate_up_proj.dtype.itemsize
+    return linears * tensor_parallel_size + experts
 
 
 def run_engine(loaded: LoadedModel, prompts: list[list[int]], output_len: int, config: EngineConfig,
@@ -205,7 +215,6 @@ def run_bench(args) -> int:
         print("nanoserve bench: error: --baseline runs one process; use it with --tensor-parallel-size 1", file=sys.stderr)
         return 2
     matmul_params = matmul_params_per_token(loaded.model)  # the whole model's, before sharding
-    matmul_bytes = matmul_bytes_per_token(loaded.model, args.quantization)
     peak = gemm_peak_gflops(loaded.dtype, loaded.device)
     read_gbps = read_bandwidth_gbps(loaded.device)
     hf_model = None
@@ -216,6 +225,7 @@ def run_bench(args) -> int:
             print(f"nanoserve bench: error: {error}", file=sys.stderr)
             return 2
     results = [run_engine(loaded, prompts, args.output_len, config)]
+    matmul_bytes = matmul_bytes_per_token(loaded.model, args.tensor_parallel_size)  # as the engine stored them
     results[0].extra.update(roofline(loaded, results[0], peak, read_gbps, matmul_params, matmul_bytes))
     results[0].extra["peak_rss_gib"] = round(peak_rss_gib(), 2)
     results[0].extra["weights_gib"] = round(weights_gib(loaded.model), 2)  # rank 0's share under TP
