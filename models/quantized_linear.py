@@ -138,9 +138,14 @@ def pack_nibbles(v: torch.Tensor) -> torch.Tensor:
     return words.to(torch.int16).flatten().view(torch.uint8)  # int32 -> int16 keeps the low 16 bits
 
 
-def unpack_nibbles(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    """pack_nibbles' inverse: (N, K) uint8."""
-    words = packed.view(torch.int16).to(torch.int32).view(-1, k // 2, 16, 2) & 0xFFFF  # [n/64][p][c][k%2]
+def unpack_nibbles(packed: torch.Tensor, n: int, k: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """pack_nibbles' inverse: (N, K) uint8, or only rows `rows` (T,) -> (T, K)."""
+    words = packed.view(torch.int16).view(-1, k // 2, 16, 2)  # [n/64][p][c][k%2]
+    if rows is not None:  # row n: block n // 64, word column n % 16, nibble (n % 64) // 16
+        picked = words[rows // COLS, :, rows % 16, :].to(torch.int32) & 0xFFFF  # (T, P, 2)
+        shift = (4 * ((rows % COLS) // 16))[:, None, None]
+        return ((picked >> shift) & 15).reshape(-1, k).to(torch.uint8)
+    words = words.to(torch.int32) & 0xFFFF
     nibbles = torch.stack([(words >> (4 * j)) & 15 for j in range(4)], dim=1)  # [n/64][j][p][c][k%2]
     return nibbles.permute(0, 1, 3, 2, 4).reshape(-1, k)[:n].to(torch.uint8)  # rows 64 b + 16 j + c
 
@@ -179,11 +184,13 @@ class Int4Linear(QuantizedLinear):
 
     def dequantize(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         n, k, g = self.out_features, self.in_features, self.group_size
-        v = unpack_nibbles(self.nibbles, n, k).float().view(n, k // g, g)
-        scale = from_blocks(self.scale, n).float()
-        minimum = from_blocks(self.minimum, n).float()
-        w = (v * scale[..., None] + minimum[..., None]).view(n, k)
-        return w if rows is None else w[rows]
+        v = unpack_nibbles(self.nibbles, n, k, rows).float()  # (N or T, K): only the rows asked for
+        if rows is None:
+            scale, minimum = from_blocks(self.scale, n).float(), from_blocks(self.minimum, n).float()  # (N, groups)
+        else:  # (T, groups), without unblocking the whole table (an embedding lookup reads a few rows)
+            scale = self.scale[rows // COLS, :, rows % COLS].float()
+            minimum = self.minimum[rows // COLS, :, rows % COLS].float()
+        return (v.view(v.shape[0], k // g, g) * scale[..., None] + minimum[..., None]).view(-1, k)
 
     def _run_kernel(self, rows: torch.Tensor, activation: int) -> torch.Tensor:
         return self.kernel(rows, self.nibbles, self.scale, self.minimum, self.bias, self.out_features,

@@ -83,6 +83,8 @@ def test_nibbles_round_trip_through_the_kernel_layout():
     packed = pack_nibbles(v)
     assert packed.numel() == 128 * 96 // 2  # N padded to whole 64-column blocks
     assert torch.equal(unpack_nibbles(packed, 100, 96), v)
+    rows = torch.tensor([99, 0, 15, 16, 63, 64, 70])  # across words, nibbles and blocks
+    assert torch.equal(unpack_nibbles(packed, 100, 96, rows), v[rows])
 
 
 @pytest.mark.parametrize("method", METHODS)
