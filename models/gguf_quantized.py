@@ -77,8 +77,8 @@ def keep_gguf_weights(model: nn.Module, spec: str, use_kernel: bool = True) -> i
                                                       parts=(v, mapped[1][weight_name], mapped[2][weight_name])))
         kept += 1
     others = sum(1 for m in model.modules() if isinstance(m, nn.Linear))
-    log.info("kept %d linear layers as the GGUF stores them (Q4_0/Q4_1, 4-bit groups of 32); %d others in the "
-             "model dtype (their tensors are of other types)", kept, others)
+    log.info("kept %d linear layers as the GGUF stores them (Q4_0/Q4_1, 4-bit groups of 32); %d in the model "
+             "dtype (tensors of other types, or tied to one)", kept, others)
     return kept
 
 
