@@ -25,17 +25,14 @@
 #include <vector>
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
-#include <immintrin.h>
+#include "bf16_dot_block.h"
 
-#include "avx512_math.h"
+using nanoserve::kCols;
 
 namespace {
 
-constexpr int64_t kCols = 64;
 constexpr int kRowTile = 3;  // 3 rows x (4 totals + 4 group sums) + 4 weight vectors + temporaries
 constexpr int64_t kPrefetchBytes = 1024;
-
-enum Activation : int64_t { kNone = 0, kGeluTanh = 1 };
 
 // Nibble j of each word -> bf16 of 128 + nibble (0xEA is the ternary-logic table of (a & b) | c).
 inline __m512bh widen(__m512i words, int j) {
@@ -88,21 +85,6 @@ using DotBlock = void (*)(const at::BFloat16*, int64_t, int64_t, const char*, co
                           const float*, int64_t, const char*, __m512 (&)[kRowTile][4]);
 constexpr DotBlock kDotBlock[kRowTile + 1] = {nullptr, dot_block<1>, dot_block<2>, dot_block<3>};
 
-void store_block(const __m512 (&acc)[kRowTile][4], int rows, const float* bias, int64_t activation,
-                 at::BFloat16* y, int64_t ldy, int64_t n0, int64_t n_total) {
-  for (int q = 0; q < 4; ++q) {
-    const int64_t col = n0 + 16 * q;
-    if (col >= n_total) break;
-    const __mmask16 mask = static_cast<__mmask16>(n_total - col >= 16 ? 0xFFFF : (1u << (n_total - col)) - 1u);
-    const __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + col) : _mm512_setzero_ps();
-    for (int m = 0; m < rows; ++m) {
-      __m512 v = _mm512_add_ps(acc[m][q], b);
-      if (activation == kGeluTanh) v = gelu_tanh(v);
-      _mm256_mask_storeu_epi16(y + m * ldy + col, mask, (__m256i)_mm512_cvtneps_pbh(v));
-    }
-  }
-}
-
 }  // namespace
 
 bool int4_linear_available() { return true; }
@@ -149,7 +131,7 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor nibbles, torch::Tensor 
         const int rows = static_cast<int>(std::min<int64_t>(kRowTile, M - m0));
         kDotBlock[rows](xp + m0 * K, K, G, w + jb * block_bytes, sp + jb * groups * kCols, mp + jb * groups * kCols,
                         xs + m0 * groups, groups, stream_end, acc);
-        store_block(acc, rows, bp, activation, yp + m0 * N, N, jb * kCols, N);
+        nanoserve::store_block(acc, rows, nullptr, bp, activation, yp + m0 * N, N, jb * kCols, N);
       }
     }
   });
