@@ -137,7 +137,7 @@ class PackedLinear(nn.Module):
 
 def linear_gelu_tanh(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """GELU(tanh) of a linear layer's output, fused into the matmul where the layer can."""
-    fused = getattr(linear, "forward_gelu_tanh", None)  # PackedLinear, Int8Linear
+    fused = getattr(linear, "forward_gelu_tanh", None)  # PackedLinear, QuantizedLinear
     return fused(x) if fused is not None else F.gelu(linear(x), approximate="tanh")
 
 

@@ -25,7 +25,7 @@ from models.quantized_linear import Int4Linear
 log = logging.getLogger(__name__)
 
 GROUP = 32
-FUSED = (("attn_q", "attn_k", "attn_v"), ("ffn_gate", "ffn_up"))  # fused into one linear each
+FUSED = (("attn_q", "attn_k", "attn_v"), ("ffn_gate", "ffn_up"))  # fused into one linear each (not GPT-2)
 
 
 def gguf_path(spec: str) -> Path:
@@ -63,7 +63,7 @@ def keep_gguf_weights(model: nn.Module, spec: str, use_kernel: bool = True) -> i
     if arch not in SUPPORTED_ARCHS or arch == "deepseek2":
         raise ValueError(f"--quantization gguf reads {', '.join(a for a in SUPPORTED_ARCHS if a != 'deepseek2')} files, not {arch!r}")
     q4 = {t.name: t for t in reader.tensors if t.tensor_type in (T.Q4_0, T.Q4_1)}
-    names = [name for name in q4 if _fusion_complete(name, q4)]
+    names = [name for name in q4 if arch == "gpt2" or _fusion_complete(name, q4)]  # GPT-2 fuses nothing
     parts = [read_q4(q4[name]) for name in names]
     # The loader's renames, unpermutes and fusions, applied to the values and to each scale alike.
     mapped = [gguf_state_dict(arch, model, {name: p[i] for name, p in zip(names, parts)}) for i in range(3)]

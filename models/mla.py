@@ -64,11 +64,17 @@ class MLAttention(nn.Module):
         self.w_uv_t: torch.Tensor | None = None  # (H, L, Dv)
 
     def prepare_absorbed(self) -> None:
-        """Split kv_b_proj's weight into W_UK and W_UV^T; call before its weight is packed away."""
-        if not isinstance(self.kv_b_proj, nn.Linear):  # packed: the split was made before packing
+        """Split kv_b_proj's weight into W_UK and W_UV^T; call before its weight is packed away.
+        A quantized kv_b_proj is split from its dequantized weight, so that decode (absorbed)
+        and prefill (kv_b_proj itself) compute with the same values."""
+        if isinstance(self.kv_b_proj, nn.Linear):
+            weight = self.kv_b_proj.weight.detach()
+        elif hasattr(self.kv_b_proj, "dequantize"):  # models/quantized_linear.py
+            weight = self.kv_b_proj.dequantize().to(self.kv_a_layernorm.weight.dtype)
+        else:  # packed: the split was made before packing
             assert self.w_uk is not None, "prepare_absorbed must run before kv_b_proj is packed"
             return
-        w = self.kv_b_proj.weight.detach().view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        w = weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
         self.w_uk = w[:, :self.nope_dim].contiguous()  # (H, Dn, L)
         self.w_uv_t = w[:, self.nope_dim:].transpose(1, 2).contiguous()  # (H, L, Dv)
 

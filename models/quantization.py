@@ -2,7 +2,7 @@
 
     int8                    one fp32 scale per output channel: half the bytes of bf16
     int4, int4-g64, -g128   4-bit, an fp16 scale and minimum per group of 32 (64, 128) weights
-                            along K: 4.5 (4.25, 4.125) bits a weight
+                            along K: 5 (4.5, 4.25) bits a weight
     gguf                    a GGUF file's Q4_0 / Q4_1 tensors as stored (models/gguf_quantized.py)
 
 Activations stay bf16 (or fp32). Every nn.Linear is replaced (models/quantized_linear.py), the LM
@@ -25,21 +25,46 @@ log = logging.getLogger(__name__)
 QUANTIZATION_METHODS = ("int8", "int4", "int4-g64", "int4-g128", "gguf")
 
 
-def quantize_model(model: nn.Module, spec: str, method: str, use_kernel: bool = True) -> int:
-    """Quantize `model` (loaded from `spec`) in place; returns how many linears changed."""
+def quantize_model(model: nn.Module, spec: str, method: str | None, use_kernel: bool = True) -> int:
+    """Quantize `model` (loaded from `spec`) in place; returns how many linears changed. A model
+    an earlier engine quantized keeps its layers, and must be asked for the same method."""
+    done = getattr(model, "quantization", None)
+    if done is not None or method is None:
+        if done != method:
+            raise ValueError(f"this model's linears are already {done or 'unquantized'}; "
+                             f"it cannot be served with --quantization {method or 'none'} as well")
+        return 0
     if method == "gguf":
         from models.gguf_quantized import keep_gguf_weights
 
-        return keep_gguf_weights(model, spec, use_kernel)
-    return quantize_linear_layers(model, method, use_kernel)
+        count = keep_gguf_weights(model, spec, use_kernel)
+    else:
+        count = quantize_linear_layers(model, method, use_kernel)
+    model.quantization = method
+    return count
+
+
+def group_size(method: str) -> int:
+    """The group of an int4 method: int4 -> 32, int4-g64 -> 64."""
+    return int(method.removeprefix("int4").removeprefix("-g") or 32)
+
+
+def check_quantizable(linear: nn.Linear, method: str, name: str) -> None:
+    """ValueError, in one sentence, for a layer `method` cannot store."""
+    k = linear.in_features
+    if method == "int8" and k % 2:
+        raise ValueError(f"--quantization int8 pairs input features; {name} has an odd number ({k})")
+    if method.startswith("int4") and k % group_size(method):
+        raise ValueError(f"--quantization {method}: {name}'s {k} input features do not split into groups "
+                         f"of {group_size(method)}")
 
 
 def make_quantized(linear: nn.Linear, method: str, use_kernel: bool = True) -> QuantizedLinear:
     """`linear` as `method` stores it."""
+    check_quantizable(linear, method, "the layer")
     if method == "int8":
         return Int8Linear(linear, use_kernel)
-    group = int(method.removeprefix("int4").removeprefix("-g") or 32)
-    return Int4Linear(linear, group, use_kernel)
+    return Int4Linear(linear, group_size(method), use_kernel)
 
 
 class QuantizedEmbedding(nn.Module):
@@ -59,11 +84,14 @@ class QuantizedEmbedding(nn.Module):
 def quantize_linear_layers(model: nn.Module, method: str, use_kernel: bool = True) -> int:
     """Replace every nn.Linear (the LM head too) by its quantized form; returns how many."""
     if method not in QUANTIZATION_METHODS or method == "gguf":
-        raise ValueError(f"unknown quantization {method!r}; choose one of {', '.join(QUANTIZATION_METHODS)}")
+        raise ValueError(f"unknown quantization {method!r}; choose one of {', '.join(QUANTIZATION_METHODS[:-1])} "
+                         f"(gguf: quantize_model)")
     head = getattr(model, "lm_head", None)
     tied = [name for name, module in model.named_modules()
             if isinstance(head, nn.Linear) and isinstance(module, nn.Embedding) and module.weight is head.weight]
     targets = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    for name in targets:  # every layer checked before any is replaced: all or none
+        check_quantizable(model.get_submodule(name), method, name)
     before = _weight_bytes(model)
     for name in targets:  # names, not modules: each float weight is freed once nothing holds it
         quantized = make_quantized(model.get_submodule(name), method, use_kernel)

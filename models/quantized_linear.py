@@ -89,11 +89,13 @@ def int8_kernel() -> Callable | None:
 class Int8Linear(QuantizedLinear):
     def __init__(self, linear: nn.Linear, use_kernel: bool = True):
         super().__init__(linear)
+        if self.in_features % 2:
+            raise ValueError(f"int8 layers pair their input features; {self.in_features} is odd")
         q, scale = quantize_int8(linear.weight)
         self.qweight = _frozen(PAIRS64_LAYOUT.order(q))  # (ceil(N/64) 64 K,) int8
         self.scale = _frozen(scale)                        # (N,) fp32
         on_cpu = linear.weight.device.type == "cpu"
-        self.kernel = int8_kernel() if use_kernel and on_cpu and self.in_features % 2 == 0 else None
+        self.kernel = int8_kernel() if use_kernel and on_cpu else None
 
     def int8_weight(self) -> torch.Tensor:
         """q as (N, K) int8, out of the blocked layout (a copy)."""
@@ -107,7 +109,10 @@ class Int8Linear(QuantizedLinear):
         return q.float() * self.scale[rows, None]
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
-        """q widened to x's dtype (exact), one matmul, then the scale in fp32."""
+        """q widened to x's dtype (exact), one matmul, then the scale in fp32. fp16 scales the
+        weight first: unscaled sums (~127 / max|w| times the output) would overflow its range."""
+        if x.dtype == torch.float16:
+            return super().reference(x)
         y = F.linear(x, self.int8_weight().to(x.dtype)).float() * self.scale  # (M, N)
         return (y if self.bias is None else y + self.bias).to(x.dtype)
 

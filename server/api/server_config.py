@@ -139,8 +139,9 @@ def add_quantization_argument(p: argparse.ArgumentParser) -> None:
     # type, not choices: argparse runs a string default (the environment's) through type too
     p.add_argument("--quantization", "-q", type=method, default=_env("quantization", "none"),
                    metavar="{none," + ",".join(QUANTIZATION_METHODS) + "}",
-                   help="int8: every linear layer and the LM head as int8 weights with one scale per output channel "
-                        "(half the bytes of bf16; activations keep --dtype)")
+                   help="weights of every linear layer and the LM head: int8 (one scale per output channel), "
+                        "int4[-g64|-g128] (4-bit, a scale and minimum per group of 32/64/128), gguf (a GGUF file's "
+                        "Q4_0/Q4_1 tensors as stored); activations keep --dtype")
 
 
 def speculative_config_from_args(args: argparse.Namespace):

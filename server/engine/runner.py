@@ -88,11 +88,11 @@ class ModelRunner:
         self.model.bind_kv_cache(self.kv_caches)
         self.workspace = DecodeWorkspace()
         self.use_fused_decode = False
+        if quantization is not None or is_quantized(self.model):  # a second engine reuses the model's
+            quantize_model(self.model, loaded.name, quantization, use_kernel=fast_kernels)
         is_mla = hasattr(self.model, "set_mla_mode")
         if is_mla:
-            self.model.set_mla_mode(mla_mode)  # before packing or quantizing: the absorbed path splits kv_b_proj's weight
-        if quantization is not None and not is_quantized(self.model):  # a second engine reuses the model
-            quantize_model(self.model, loaded.name, quantization, use_kernel=fast_kernels)
+            self.model.set_mla_mode(mla_mode)  # before packing: the absorbed path splits kv_b_proj's weight
         if fast_kernels:
             pack_linear_layers(self.model)
             self.use_fused_decode = self.device.type == "cpu" and decode_kernel() is not None and not is_mla

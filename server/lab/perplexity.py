@@ -33,7 +33,7 @@ DEFAULT_CORPUS = "hamlet_gut.txt"
 class PerplexityResult:
     model: str
     dtype: str
-    quantization: str | None  # weight-only "int8", or None
+    quantization: str | None  # a --quantization method, or None
     corpus: str
     window: int
     stride: int
