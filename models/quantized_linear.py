@@ -12,6 +12,7 @@ which dequantizes the whole weight on every call. The weights are stored in the 
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 
 import torch
@@ -30,7 +31,7 @@ def _frozen(t: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(t.contiguous(), requires_grad=False)
 
 
-class QuantizedLinear(nn.Module):
+class QuantizedLinear(nn.Module, ABC):
     """Drop-in for nn.Linear; subclasses store the weight and provide both paths."""
 
     kernel: Callable | None
@@ -62,12 +63,13 @@ class QuantizedLinear(nn.Module):
         """(M, K) -> (M, N) in PyTorch from the dequantized weight."""
         return F.linear(x, self.dequantize().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
+    @abstractmethod
     def dequantize(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The weight (or its rows `rows`) in fp32: (N or T, K)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _run_kernel(self, rows: torch.Tensor, activation: int) -> torch.Tensor:
-        raise NotImplementedError
+        """The C++ kernel on bf16 rows (M, K) -> (M, N), activation code fused."""
 
 
 # ---- int8 -------------------------------------------------------------------------------------
