@@ -34,8 +34,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.fused_attention import fused_decode_attention
+from models.kv_int8 import read_rows, store_rows
 
-KVCache = tuple[torch.Tensor, torch.Tensor]  # k, v pools: (NB, BS, KVH, D) each
+KVCache = tuple[torch.Tensor, torch.Tensor]  # k, v pools: (NB, BS, KVH, D) each; (NB, BS, KVH, D + 4) int8 rows
 
 
 @dataclass
@@ -154,7 +155,7 @@ def paged_attention(
         if kv_cache is None:
             keys, values = k[lo:hi], v[lo:hi]  # (T, KVH, D)
         else:
-            keys, values = gather_kv(kv_cache, meta.block_tables[s], seq_lens[s])  # (L, KVH, D)
+            keys, values = gather_kv(kv_cache, meta.block_tables[s], seq_lens[s], q.dtype)  # (L, KVH, D)
         out[lo:hi] = _prefill_attention(q[lo:hi], keys, values, scale)
     return out
 
@@ -173,20 +174,20 @@ class PagedAttention(nn.Module):
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache, slot_mapping: torch.Tensor) -> None:
-    """Store new keys and values (N, KVH, D) into the pools at their slots."""
+    """Store new keys and values (N, KVH, D) into the pools at their slots (quantized for int8 pools)."""
     k_pool, v_pool = kv_cache
-    k_pool.view(-1, *k_pool.shape[2:]).index_copy_(0, slot_mapping, k)  # (NB*BS, KVH, D)
-    v_pool.view(-1, *v_pool.shape[2:]).index_copy_(0, slot_mapping, v)
+    store_rows(k_pool, slot_mapping, k)
+    store_rows(v_pool, slot_mapping, v)
 
 
-def gather_kv(kv_cache: KVCache, block_table: torch.Tensor, seq_len: int) -> KVCache:
-    """One sequence's keys and values, in position order: (seq_len, KVH, D) each."""
+def gather_kv(kv_cache: KVCache, block_table: torch.Tensor, seq_len: int, dtype: torch.dtype) -> KVCache:
+    """One sequence's keys and values, in position order: (seq_len, KVH, D) each, in `dtype`."""
     k_pool, v_pool = kv_cache
     num_blocks = -(-seq_len // k_pool.shape[1])
     blocks = block_table[:num_blocks]
-    keys = k_pool[blocks].flatten(0, 1)[:seq_len]  # (num_blocks*BS, KVH, D) -> (L, KVH, D)
+    keys = k_pool[blocks].flatten(0, 1)[:seq_len]  # (num_blocks*BS, KVH, W) -> (L, KVH, W)
     values = v_pool[blocks].flatten(0, 1)[:seq_len]
-    return keys, values
+    return read_rows(keys, dtype), read_rows(values, dtype)
 
 
 def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -214,8 +215,8 @@ def _decode_attention(q: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadat
         k_rows, v_rows = meta.workspace.buffers(ids.numel(), k_pool)
         torch.index_select(k_pool, 0, ids, out=k_rows)
         torch.index_select(v_pool, 0, ids, out=v_rows)
-    keys = k_rows.view(num_seqs, num_keys, *k_pool.shape[2:]).transpose(1, 2)  # (S, KVH, L, D)
-    values = v_rows.view(num_seqs, num_keys, *v_pool.shape[2:]).transpose(1, 2)
+    keys = read_rows(k_rows.view(num_seqs, num_keys, *k_pool.shape[2:]), q.dtype).transpose(1, 2)  # (S, KVH, L, D)
+    values = read_rows(v_rows.view(num_seqs, num_keys, *v_pool.shape[2:]), q.dtype).transpose(1, 2)
     out = F.scaled_dot_product_attention(
         q[:, :, None, :], keys, values, attn_mask=mask, scale=scale, enable_gqa=True
     )  # (S, H, 1, D)

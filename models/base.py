@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from models.attention import AttentionMetadata, KVCache, build_attention_metadata
+from models.kv_int8 import row_width
 from models.layers import PreNormBlock, RMSNorm, RotaryEmbedding
 from models.parallel import VocabParallel
 
@@ -32,12 +33,14 @@ class KVCacheSpec:
     num_pools: int = 2
 
     def bytes_per_block(self, block_size: int, dtype: torch.dtype) -> int:
+        """Bytes of one block across layers and pools; an int8 pool's rows carry a 4-byte scale."""
         itemsize = torch.empty((), dtype=dtype).element_size()
-        return self.num_pools * self.num_layers * block_size * self.num_kv_heads * self.head_dim * itemsize
+        return self.num_pools * self.num_layers * block_size * self.num_kv_heads * row_width(self.head_dim, dtype) * itemsize
 
     def allocate(self, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> list[KVCache]:
-        """Zeroed pools, one tuple of `num_pools` (NB, BS, KVH, D) tensors per layer."""
-        shape = (num_blocks, block_size, self.num_kv_heads, self.head_dim)
+        """Zeroed pools, one tuple of `num_pools` (NB, BS, KVH, D) tensors per layer; (NB, BS, KVH, D + 4)
+        rows of int8 values and their scale when dtype is int8 (models/kv_int8.py)."""
+        shape = (num_blocks, block_size, self.num_kv_heads, row_width(self.head_dim, dtype))
         return [tuple(torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.num_pools))
                 for _ in range(self.num_layers)]
 
@@ -45,8 +48,9 @@ class KVCacheSpec:
         """The per-token formula a learner can check, e.g. `2 (K,V) x 12 layers x 12 heads x 64 x 2 B`."""
         itemsize = torch.empty((), dtype=dtype).element_size()
         what = "K,V" if self.num_pools == 2 else "latent"
+        width = f"({self.head_dim} + 4 scale)" if dtype == torch.int8 else str(self.head_dim)
         return (f"{self.bytes_per_block(1, dtype)} bytes/token = {self.num_pools} ({what}) x {self.num_layers} layers"
-                f" x {self.num_kv_heads} heads x {self.head_dim} x {itemsize} B")
+                f" x {self.num_kv_heads} heads x {width} x {itemsize} B")
 
 
 class CausalLM(nn.Module):

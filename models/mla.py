@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.attention import AttentionMetadata
+from models.kv_int8 import read_rows, store_rows
 from models.layers import RMSNorm, apply_rotary
 
 MLA_MODES = ("absorbed", "naive")
@@ -89,8 +90,7 @@ class MLAttention(nn.Module):
         ckv = self.kv_a_proj_with_mqa(x)  # (N, L + R)
         latent = torch.cat((self.kv_a_layernorm(ckv[:, :L]), apply_rotary(ckv[:, None, L:], *rope)[:, 0]), dim=-1)  # (N, L + R)
         if self.kv_cache is not None:
-            pool = self.kv_cache[0]  # (NB, BS, 1, L + R)
-            pool.view(-1, L + self.rope_dim).index_copy_(0, meta.slot_mapping, latent)
+            store_rows(self.kv_cache[0], meta.slot_mapping, latent[:, None])  # pool (NB, BS, 1, L + R)
         out = x.new_empty(x.shape[0], H, self.v_dim)  # (N, H, Dv)
         rows = meta.num_decode_tokens
         if rows:
@@ -104,7 +104,7 @@ class MLAttention(nn.Module):
             else:
                 pool = self.kv_cache[0]  # (NB, BS, 1, L + R)
                 blocks = meta.block_tables[s][:-(-meta.seq_lens[s] // pool.shape[1])]
-                keys = pool[blocks].view(-1, pool.shape[-1])[:meta.seq_lens[s]]  # (T_k, L + R)
+                keys = read_rows(pool[blocks].view(-1, pool.shape[-1])[:meta.seq_lens[s]], q.dtype)  # (T_k, L + R)
             out[lo:hi] = self._prefill_naive(q_nope[lo:hi], q_pe[lo:hi], keys)
         return self.o_proj(out.flatten(1))  # (N, H Dv) -> (N, C)
 
@@ -125,8 +125,8 @@ class MLAttention(nn.Module):
                                              scale=self.scale)  # (H, T, Dv)
         return out.transpose(0, 1)
 
-    def _decode_latents(self, meta: AttentionMetadata) -> torch.Tensor:
-        """Every decode row's latents, padded to the longest row: (Rw, K, L + R).
+    def _decode_latents(self, meta: AttentionMetadata, dtype: torch.dtype) -> torch.Tensor:
+        """Every decode row's latents, padded to the longest row, in `dtype`: (Rw, K, L + R).
 
         Gathered into the step's reusable workspace when there is one: a fresh buffer of this
         size costs more in page faults than the copy itself."""
@@ -138,11 +138,11 @@ class MLAttention(nn.Module):
         else:
             blocks = meta.workspace.buffers(ids.numel(), pool)[0]
             torch.index_select(pool.view(pool.shape[0], -1), 0, ids, out=blocks.view(ids.numel(), -1))
-        return blocks.view(num_rows, num_keys, pool.shape[-1])
+        return read_rows(blocks.view(num_rows, num_keys, pool.shape[-1]), dtype)
 
     def _decode_naive(self, q_nope: torch.Tensor, q_pe: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Expand every cached latent of every row, then attend: (Rw, H, Dv)."""
-        keys, values = self._expand(self._decode_latents(meta))  # (Rw, K, H, Dn + R), (Rw, K, H, Dv)
+        keys, values = self._expand(self._decode_latents(meta, q_nope.dtype))  # (Rw, K, H, Dn + R), (Rw, K, H, Dv)
         q = torch.cat((q_nope, q_pe), dim=-1)[:, :, None, :]  # (Rw, H, 1, Dn + R)
         out = F.scaled_dot_product_attention(q, keys.transpose(1, 2), values.transpose(1, 2),
                                              attn_mask=meta.decode_key_mask, scale=self.scale)  # (Rw, H, 1, Dv)
@@ -154,7 +154,7 @@ class MLAttention(nn.Module):
             self.prepare_absorbed()
         q_latent = torch.bmm(q_nope.transpose(0, 1), self.w_uk).transpose(0, 1)  # (H, Rw, Dn) x (H, Dn, L) -> (Rw, H, L)
         q = torch.cat((q_latent, q_pe), dim=-1)  # (Rw, H, L + R)
-        latents = self._decode_latents(meta)  # (Rw, K, L + R): one latent "KV head" shared by all H heads
+        latents = self._decode_latents(meta, q.dtype)  # (Rw, K, L + R): one latent "KV head" shared by all H heads
         scores = torch.bmm(q, latents.transpose(1, 2)).float() * self.scale  # (Rw, H, K), no per-head copy of K
         scores.masked_fill_(~meta.decode_key_mask[:, 0], float("-inf"))  # (Rw, 1, K) broadcast over heads
         probs = scores.softmax(-1).to(q.dtype)  # (Rw, H, K)

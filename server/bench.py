@@ -22,6 +22,7 @@ from dataclasses import asdict
 
 import torch
 
+from models.kv_int8 import pool_dtype
 from models.loader import LoadedModel, load_model
 from server.api.server_config import speculative_config_from_args
 from server.bench_baselines import run_hf_generate, run_naive, to_transformers
@@ -179,11 +180,12 @@ def _main_step_ms(result: BenchResult) -> float:
 
 
 def roofline(loaded: LoadedModel, result: BenchResult, peak_gflops: float, read_gbps: float, params: int,
-             weight_bytes: int) -> dict:
+             weight_bytes: int, kv_dtype: torch.dtype) -> dict:
     """Compute and memory floors of the median decode step at the most frequent batch size.
 
     params: the whole model's matmul weights per token (all tensor-parallel ranks together);
-    weight_bytes: what reading them once takes, as stored (int8 under --quantization int8)."""
+    weight_bytes: what reading them once takes, as stored (int8 under --quantization int8);
+    kv_dtype: the KV pools' dtype (int8 rows under --kv-cache-dtype int8)."""
     steps, counts = result.extra["decode_step_ms_median"], result.extra["decode_step_counts"]
     if not steps:
         return {}
@@ -191,7 +193,7 @@ def roofline(loaded: LoadedModel, result: BenchResult, peak_gflops: float, read_
     step_s = steps[batch] / 1000
     flops = 2 * params * batch
     gemm_only_s = flops / (peak_gflops * 1e9)
-    kv_bytes_per_token = loaded.model.kv_cache_spec.bytes_per_block(1, loaded.dtype)
+    kv_bytes_per_token = loaded.model.kv_cache_spec.bytes_per_block(1, kv_dtype)
     step_bytes = weight_bytes + kv_bytes_per_token * result.extra["decode_context_tokens_median"][batch]
     memory_s = step_bytes / (read_gbps * 1e9)
     return {"decode_batch": batch, "decode_step_ms": round(step_s * 1000, 2),
@@ -210,6 +212,7 @@ def run_bench(args) -> int:
                           num_kv_blocks=args.num_kv_blocks, enable_prefix_caching=args.enable_prefix_caching,
                           speculative=speculative_config_from_args(args), mla_mode=args.mla_mode,
                           tensor_parallel_size=args.tensor_parallel_size, quantization=args.quantization,
+                          kv_cache_dtype=args.kv_cache_dtype,
                           **({} if args.kv_cache_memory is None else {"kv_cache_memory": args.kv_cache_memory}))
     if args.tensor_parallel_size > 1 and args.baseline != "none":
         print("nanoserve bench: error: --baseline runs one process; use it with --tensor-parallel-size 1", file=sys.stderr)
@@ -226,13 +229,14 @@ def run_bench(args) -> int:
             return 2
     results = [run_engine(loaded, prompts, args.output_len, config)]
     matmul_bytes = matmul_bytes_per_token(loaded.model, args.tensor_parallel_size)  # as the engine stored them
-    results[0].extra.update(roofline(loaded, results[0], peak, read_gbps, matmul_params, matmul_bytes))
+    kv_dtype = pool_dtype(args.kv_cache_dtype, loaded.dtype)
+    results[0].extra.update(roofline(loaded, results[0], peak, read_gbps, matmul_params, matmul_bytes, kv_dtype))
     results[0].extra["peak_rss_gib"] = round(peak_rss_gib(), 2)
     results[0].extra["weights_gib"] = round(weights_gib(loaded.model), 2)  # rank 0's share under TP
     results[0].extra["tensor_parallel_size"] = args.tensor_parallel_size
     results[0].extra["params_m"] = round(num_params / 1e6, 1)
     results[0].extra["kv_cache_gib"] = results[0].extra.pop("kv_cache_gib")
-    results[0].extra["kv_bytes_per_token"] = loaded.model.kv_cache_spec.bytes_per_block(1, loaded.dtype)
+    results[0].extra["kv_bytes_per_token"] = loaded.model.kv_cache_spec.bytes_per_block(1, kv_dtype)
     if args.baseline == "hf":
         results.append(run_hf_generate(loaded, hf_model, prompts, args.output_len))
     elif args.baseline == "naive":

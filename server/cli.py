@@ -85,7 +85,8 @@ def _run_generate(args) -> int:
 
 
 def _add_bench(sub) -> None:
-    from server.api.server_config import (add_mla_argument, add_quantization_argument, add_speculative_arguments,
+    from server.api.server_config import (add_kv_cache_dtype_argument, add_mla_argument, add_quantization_argument,
+                                          add_speculative_arguments,
                                           add_tensor_parallel_argument, parse_bytes)
 
     p = sub.add_parser("bench", help="offline throughput benchmark (vLLM bench throughput style)")
@@ -110,6 +111,7 @@ def _add_bench(sub) -> None:
     add_mla_argument(p)
     add_tensor_parallel_argument(p)
     add_quantization_argument(p)
+    add_kv_cache_dtype_argument(p)
     p.set_defaults(run=_run_bench)
 
 
@@ -152,7 +154,7 @@ def _run_trace(args) -> int:
 
 
 def _add_eval(sub) -> None:
-    from server.api.server_config import add_quantization_argument
+    from server.api.server_config import add_kv_cache_dtype_argument, add_quantization_argument
 
     p = sub.add_parser("eval", help="output quality: perplexity on a real text")
     kinds = p.add_subparsers(dest="eval_kind", required=True)
@@ -164,6 +166,7 @@ def _add_eval(sub) -> None:
     ppl.add_argument("--max-tokens", type=int, default=None, help="score only the text's first N tokens")
     ppl.add_argument("--json", dest="json_path", default=None, help="also write the result as JSON here")
     add_quantization_argument(ppl)
+    add_kv_cache_dtype_argument(ppl)
     ppl.set_defaults(run=_run_perplexity)
 
 

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from models.base import KVCacheSpec
+from models.kv_int8 import KV_CACHE_DTYPES
 from models.quantization import QUANTIZATION_METHODS
 
 if TYPE_CHECKING:
@@ -27,6 +28,7 @@ class EngineConfig:
     mla_mode: str = "absorbed"               # MLA models' decode attention: absorbed | naive (models/mla.py)
     tensor_parallel_size: int = 1            # processes that each hold a slice of every weight
     quantization: str | None = None          # weight-only int8 / int4 / gguf linears (models/quantization.py)
+    kv_cache_dtype: str = "auto"             # auto: the model's dtype; int8: rows with a scale each (models/kv_int8.py)
 
     def __post_init__(self) -> None:
         assert self.max_num_seqs >= 1 and self.max_num_batched_tokens >= 1, "budgets must be positive"
@@ -35,12 +37,13 @@ class EngineConfig:
         assert self.mla_mode in ("absorbed", "naive"), f"unknown MLA mode {self.mla_mode!r}"
         assert self.tensor_parallel_size >= 1, "tensor_parallel_size must be at least 1"
         assert self.quantization in (None, *QUANTIZATION_METHODS), f"unknown quantization {self.quantization!r}"
+        assert self.kv_cache_dtype in KV_CACHE_DTYPES, f"unknown KV cache dtype {self.kv_cache_dtype!r}"
 
     def resolve_num_blocks(self, spec: KVCacheSpec, dtype, max_model_len: int, extra_bytes_per_block: int = 0) -> int:
         """Blocks in the pool: explicit, or what the memory budget buys, capped by what
         max_num_seqs full-length sequences could ever use. spec: one rank's share under tensor
-        parallelism (the budget is per rank). extra_bytes_per_block: a draft model's pool, which
-        mirrors the target's blocks."""
+        parallelism (the budget is per rank). dtype: the pools' dtype (int8 rows cost D + 4 bytes).
+        extra_bytes_per_block: a draft model's pool, which mirrors the target's blocks."""
         if self.num_kv_blocks is not None:
             return self.num_kv_blocks
         affordable = self.kv_cache_memory // (spec.bytes_per_block(self.block_size, dtype) + extra_bytes_per_block)

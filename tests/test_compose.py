@@ -55,7 +55,7 @@ def test_server_port_health_and_settings(services):
     env = server["environment"]
     assert env["NANOSERVE_PORT"] == "8000" and env["NANOSERVE_HOST"] == "0.0.0.0"
     for name in ("NANOSERVE_MODEL", "NANOSERVE_MAX_NUM_SEQS", "NANOSERVE_KV_CACHE_MEMORY", "NANOSERVE_TENSOR_PARALLEL_SIZE",
-                 "NANOSERVE_QUANTIZATION"):
+                 "NANOSERVE_QUANTIZATION", "NANOSERVE_KV_CACHE_DTYPE"):
         assert re.fullmatch(r"\$\{%s:-[^}]+\}" % name, env[name]), env[name]
     assert (REPO / server["build"]["context"] / server["build"]["dockerfile"]).resolve() == DOCKERFILE
 

@@ -1,8 +1,11 @@
 // Paged decode attention for CPU: one query per sequence, keys and values read in place from
 // the block pool through the block table, no gather.
 //
-//   q (S, H, D)   k_pool, v_pool (NB, BS, KVH, D)   block_tables (S, MB)   seq_lens (S,)
+//   q (S, H, D)   k_pool, v_pool (NB, BS, KVH, W)   block_tables (S, MB)   seq_lens (S,)
 //   token p of sequence s lives at k_pool[block_tables[s][p / BS]][p % BS][:][:]
+//
+// A pool has q's dtype (W = D), or is int8 (W = D + 4: D values, then the row's float32 scale,
+// models/kv_int8.py); int8 rows are widened and scaled to float32 as they are read.
 //
 // Two implementations of the same math, all accumulation in float32:
 // - AVX-512 (D a multiple of 16): one task per (sequence, KV head) serving the query heads that
@@ -16,6 +19,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -35,10 +39,24 @@ inline void to_float<c10::BFloat16>(const c10::BFloat16* __restrict__ src, float
 struct Shape {
   int64_t H, KVH, D, BS;
   float scale;
+  int64_t W;  // pool elements per (token, KV head) row: D, or D + 4 for int8 rows
 };
 
-template <typename T>
-static void decode_sequence(const T* q, const T* k_pool, const T* v_pool, const int64_t* table, int64_t len,
+// One token's rows for every KV head (KVH, W) -> float32 (KVH, D).
+template <typename P>
+static inline void widen_token(const P* src, float* dst, const Shape& sh) { to_float(src, dst, sh.KVH * sh.D); }
+template <>
+inline void widen_token<int8_t>(const int8_t* src, float* dst, const Shape& sh) {
+  for (int64_t h = 0; h < sh.KVH; ++h) {
+    const int8_t* r = src + h * sh.W;
+    float scale;
+    std::memcpy(&scale, r + sh.D, sizeof(float));
+    for (int64_t d = 0; d < sh.D; ++d) dst[h * sh.D + d] = static_cast<float>(r[d]) * scale;
+  }
+}
+
+template <typename T, typename P>
+static void decode_sequence(const T* q, const P* k_pool, const P* v_pool, const int64_t* table, int64_t len,
                             T* out, const Shape& sh, std::vector<float>& buf) {
   const int64_t H = sh.H, D = sh.D, G = sh.H / sh.KVH, row_len = sh.KVH * sh.D;
   buf.resize(H * D + row_len + H * len + H * D);
@@ -48,10 +66,10 @@ static void decode_sequence(const T* q, const T* k_pool, const T* v_pool, const 
   float* acc = scores + H * len;     // (H, D)
   to_float(q, qf, H * D);
   for (int64_t i = 0; i < H * D; ++i) qf[i] *= sh.scale;
-  auto token_row = [&](const T* pool, int64_t p) { return pool + (table[p / sh.BS] * sh.BS + p % sh.BS) * row_len; };
+  auto token_row = [&](const P* pool, int64_t p) { return pool + (table[p / sh.BS] * sh.BS + p % sh.BS) * sh.KVH * sh.W; };
   // pass 1: scores[h][p] = q_h . k_p[h / G]
   for (int64_t p = 0; p < len; ++p) {
-    to_float(token_row(k_pool, p), row, row_len);
+    widen_token(token_row(k_pool, p), row, sh);
     for (int64_t h = 0; h < H; ++h) {
       const float* __restrict__ qh = qf + h * D;
       const float* __restrict__ kh = row + (h / G) * D;
@@ -76,7 +94,7 @@ static void decode_sequence(const T* q, const T* k_pool, const T* v_pool, const 
   // pass 3: acc[h] = sum_p softmax[h][p] * v_p[h / G]
   std::fill(acc, acc + H * D, 0.0f);
   for (int64_t p = 0; p < len; ++p) {
-    to_float(token_row(v_pool, p), row, row_len);
+    widen_token(token_row(v_pool, p), row, sh);
     for (int64_t h = 0; h < H; ++h) {
       const float w = scores[h * len + p];
       const float* __restrict__ vh = row + (h / G) * D;
@@ -104,6 +122,16 @@ static inline __m512 load16(const c10::BFloat16* p) {
 static inline __m512 load16(const c10::Half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
+static inline __m512 load16(const int8_t* p) {  // unscaled: the row's scale is applied by the caller
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+
+// The float32 scale stored after an int8 row's D values.
+static inline float int8_row_scale(const int8_t* row, int64_t D) {
+  float scale;
+  std::memcpy(&scale, row + D, sizeof(float));
+  return scale;
+}
 
 constexpr int64_t kPrefetchBlocks = 2;  // blocks in flight ahead of the one being read (1: ~8% slower, 4: no better)
 
@@ -117,13 +145,16 @@ constexpr int64_t kMaxGroup = 16;  // query heads per KV head the AVX-512 path t
 // The G query heads that share one KV head, for one sequence. NV = D / 16 float32 vectors per
 // head row. Each chunk of up to 16 cached tokens is widened to float32 once into L1 buffers and
 // then scored and accumulated for every head of the group, so grouped-query models read and
-// convert their cache once per KV head, not once per query head.
-template <typename T, int NV, bool kWiden>
-static void decode_group_avx512(const T* q, const T* k_pool, const T* v_pool, const int64_t* table, int64_t len,
+// convert their cache once per KV head, not once per query head. int8 rows are always widened,
+// each multiplied by its scale on the way into L1.
+template <typename T, typename P, int NV, bool kWiden>
+static void decode_group_avx512(const T* q, const P* k_pool, const P* v_pool, const int64_t* table, int64_t len,
                                 int64_t kv_head, int64_t G, T* out, const Shape& sh) {
   constexpr int D = 16 * NV;
-  const int64_t row = sh.KVH * sh.D;  // elements between consecutive tokens of a block
-  const int64_t head_bytes = sh.D * static_cast<int64_t>(sizeof(T));
+  constexpr bool kInt8 = std::is_same_v<P, int8_t>;
+  static_assert(kWiden || !kInt8, "int8 rows are scaled while widened");
+  const int64_t row = sh.KVH * sh.W;  // elements between consecutive tokens of a block
+  const int64_t head_bytes = sh.W * static_cast<int64_t>(sizeof(P));
   alignas(64) float queries[kMaxGroup * D], accs[kMaxGroup * D];  // (G, D) scaled queries, accumulators
   alignas(64) float keys_f[16 * D], values_f[16 * D];               // (16, D) this chunk, widened
   alignas(64) float weights[16];
@@ -138,23 +169,32 @@ static void decode_group_avx512(const T* q, const T* k_pool, const T* v_pool, co
   }
   const int64_t num_blocks = (len + sh.BS - 1) / sh.BS;
   for (int64_t b = 0; b < num_blocks; ++b) {
-    const int64_t base = table[b] * sh.BS * row + kv_head * sh.D;  // token 0 of block b, this head
+    const int64_t base = table[b] * sh.BS * row + kv_head * sh.W;  // token 0 of block b, this head
     const int64_t in_block = std::min(sh.BS, len - b * sh.BS);
     for (int64_t ahead = (b == 0 ? 1 : kPrefetchBlocks); ahead <= kPrefetchBlocks; ++ahead) {  // keep blocks b+1.. in flight
       if (b + ahead >= num_blocks) break;
-      const int64_t next = table[b + ahead] * sh.BS * row + kv_head * sh.D;
+      const int64_t next = table[b + ahead] * sh.BS * row + kv_head * sh.W;
       const int64_t rows = std::min(sh.BS, len - (b + ahead) * sh.BS);
-      prefetch_rows(reinterpret_cast<const char*>(k_pool + next), rows, row * sizeof(T), head_bytes);
-      prefetch_rows(reinterpret_cast<const char*>(v_pool + next), rows, row * sizeof(T), head_bytes);
+      prefetch_rows(reinterpret_cast<const char*>(k_pool + next), rows, row * sizeof(P), head_bytes);
+      prefetch_rows(reinterpret_cast<const char*>(v_pool + next), rows, row * sizeof(P), head_bytes);
     }
     for (int64_t c = 0; c < in_block; c += 16) {
       const int n = static_cast<int>(std::min<int64_t>(16, in_block - c));
-      const T* keys = k_pool + base + c * row;
-      const T* values = v_pool + base + c * row;
+      const P* keys = k_pool + base + c * row;
+      const P* values = v_pool + base + c * row;
       // a group widens the chunk once into L1; a lone head (G = 1) reads the pool directly
       auto key = [&](int t, int i) { return kWiden ? _mm512_load_ps(keys_f + t * D + 16 * i) : load16(keys + t * row + 16 * i); };
       auto value = [&](int t, int i) { return kWiden ? _mm512_load_ps(values_f + t * D + 16 * i) : load16(values + t * row + 16 * i); };
-      if constexpr (kWiden)
+      if constexpr (kInt8)
+        for (int t = 0; t < n; ++t) {
+          const __m512 k_scale = _mm512_set1_ps(int8_row_scale(keys + t * row, D));
+          const __m512 v_scale = _mm512_set1_ps(int8_row_scale(values + t * row, D));
+          for (int i = 0; i < NV; ++i) {
+            _mm512_store_ps(keys_f + t * D + 16 * i, _mm512_mul_ps(load16(keys + t * row + 16 * i), k_scale));
+            _mm512_store_ps(values_f + t * D + 16 * i, _mm512_mul_ps(load16(values + t * row + 16 * i), v_scale));
+          }
+        }
+      else if constexpr (kWiden)
         for (int t = 0; t < n; ++t)
           for (int i = 0; i < NV; ++i) {
             _mm512_store_ps(keys_f + t * D + 16 * i, load16(keys + t * row + 16 * i));
@@ -191,62 +231,74 @@ static void decode_group_avx512(const T* q, const T* k_pool, const T* v_pool, co
   }
 }
 
-template <typename T>
-static bool decode_all_avx512(const T* q, const T* k_pool, const T* v_pool, const int64_t* tables, const int64_t* lens,
+template <typename T, typename P>
+static bool decode_all_avx512(const T* q, const P* k_pool, const P* v_pool, const int64_t* tables, const int64_t* lens,
                               int64_t S, int64_t MB, T* out, const Shape& sh) {
   const int64_t G = sh.H / sh.KVH;
   if (G > kMaxGroup) return false;
+  const bool widen = G > 1 || std::is_same_v<P, int8_t>;
   auto run = [&](auto widened_fn, auto direct_fn) {
     at::parallel_for(0, S * sh.KVH, 1, [&](int64_t begin, int64_t end) {
       for (int64_t item = begin; item < end; ++item) {
         const int64_t s = item / sh.KVH, kv_head = item % sh.KVH;
         TORCH_CHECK(lens[s] >= 1 && lens[s] <= MB * sh.BS, "sequence length outside its block table");
         const int64_t first = (s * sh.H + kv_head * G) * sh.D;  // the group's query heads are adjacent
-        (G > 1 ? widened_fn : direct_fn)(q + first, k_pool, v_pool, tables + s * MB, lens[s], kv_head, G, out + first, sh);
+        (widen ? widened_fn : direct_fn)(q + first, k_pool, v_pool, tables + s * MB, lens[s], kv_head, G, out + first, sh);
       }
     });
   };
+  // int8 pools always widen; their unused "direct" slot names the widened kernel too
+  constexpr bool kDirectWidens = std::is_same_v<P, int8_t>;
   switch (sh.D) {
-    case 16: run(decode_group_avx512<T, 1, true>, decode_group_avx512<T, 1, false>); return true;
-    case 32: run(decode_group_avx512<T, 2, true>, decode_group_avx512<T, 2, false>); return true;
-    case 64: run(decode_group_avx512<T, 4, true>, decode_group_avx512<T, 4, false>); return true;
-    case 128: run(decode_group_avx512<T, 8, true>, decode_group_avx512<T, 8, false>); return true;
-    case 256: run(decode_group_avx512<T, 16, true>, decode_group_avx512<T, 16, false>); return true;
+    case 16: run(decode_group_avx512<T, P, 1, true>, decode_group_avx512<T, P, 1, kDirectWidens>); return true;
+    case 32: run(decode_group_avx512<T, P, 2, true>, decode_group_avx512<T, P, 2, kDirectWidens>); return true;
+    case 64: run(decode_group_avx512<T, P, 4, true>, decode_group_avx512<T, P, 4, kDirectWidens>); return true;
+    case 128: run(decode_group_avx512<T, P, 8, true>, decode_group_avx512<T, P, 8, kDirectWidens>); return true;
+    case 256: run(decode_group_avx512<T, P, 16, true>, decode_group_avx512<T, P, 16, kDirectWidens>); return true;
     default: return false;
   }
 }
 #endif  // __AVX512F__
 
+template <typename T, typename P>
+static void decode_all(const T* qp, const P* kp, const P* vp, const int64_t* tp, const int64_t* lp, int64_t S, int64_t MB,
+                       T* op, const Shape& sh) {
+#ifdef NANOSERVE_HAS_AVX512
+  if constexpr (!std::is_same_v<T, double>) {
+    if (decode_all_avx512<T, P>(qp, kp, vp, tp, lp, S, MB, op, sh)) return;
+  }
+#endif
+  at::parallel_for(0, S, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf;
+    for (int64_t s = begin; s < end; ++s) {
+      TORCH_CHECK(lp[s] >= 1 && lp[s] <= MB * sh.BS, "sequence length outside its block table");
+      decode_sequence<T, P>(qp + s * sh.H * sh.D, kp, vp, tp + s * MB, lp[s], op + s * sh.H * sh.D, sh, buf);
+    }
+  });
+}
+
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_pool, torch::Tensor v_pool,
                                      torch::Tensor block_tables, torch::Tensor seq_lens, double scale) {
   TORCH_CHECK(q.is_contiguous() && k_pool.is_contiguous() && v_pool.is_contiguous(), "contiguous inputs required");
   TORCH_CHECK(block_tables.scalar_type() == torch::kInt64 && seq_lens.scalar_type() == torch::kInt64, "int64 tables");
-  TORCH_CHECK(q.scalar_type() == k_pool.scalar_type() && q.scalar_type() == v_pool.scalar_type(), "dtype mismatch");
+  const bool int8_pool = k_pool.scalar_type() == torch::kChar;
+  TORCH_CHECK(k_pool.scalar_type() == v_pool.scalar_type() && (int8_pool || q.scalar_type() == k_pool.scalar_type()),
+              "pools must have q's dtype or be int8");
   const int64_t S = q.size(0), MB = block_tables.size(1);
-  const Shape sh{q.size(1), k_pool.size(2), q.size(2), k_pool.size(1), static_cast<float>(scale)};
-  TORCH_CHECK(sh.H % sh.KVH == 0 && k_pool.size(3) == sh.D, "shape mismatch");
+  const Shape sh{q.size(1), k_pool.size(2), q.size(2), k_pool.size(1), static_cast<float>(scale), k_pool.size(3)};
+  TORCH_CHECK(sh.H % sh.KVH == 0 && sh.W == sh.D + (int8_pool ? 4 : 0), "shape mismatch");
   auto tables = block_tables.contiguous();
   auto lens = seq_lens.contiguous();
   auto out = torch::empty_like(q);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode_attention", [&] {
-    const scalar_t* qp = q.data_ptr<scalar_t>();
-    const scalar_t* kp = k_pool.data_ptr<scalar_t>();
-    const scalar_t* vp = v_pool.data_ptr<scalar_t>();
     const int64_t* tp = tables.data_ptr<int64_t>();
     const int64_t* lp = lens.data_ptr<int64_t>();
-    scalar_t* op = out.data_ptr<scalar_t>();
-#ifdef NANOSERVE_HAS_AVX512
-    if constexpr (!std::is_same_v<scalar_t, double>) {
-      if (decode_all_avx512<scalar_t>(qp, kp, vp, tp, lp, S, MB, op, sh)) return;
-    }
-#endif
-    at::parallel_for(0, S, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> buf;
-      for (int64_t s = begin; s < end; ++s) {
-        TORCH_CHECK(lp[s] >= 1 && lp[s] <= MB * sh.BS, "sequence length outside its block table");
-        decode_sequence<scalar_t>(qp + s * sh.H * sh.D, kp, vp, tp + s * MB, lp[s], op + s * sh.H * sh.D, sh, buf);
-      }
-    });
+    if (int8_pool)
+      decode_all(q.data_ptr<scalar_t>(), k_pool.data_ptr<int8_t>(), v_pool.data_ptr<int8_t>(), tp, lp, S, MB,
+                 out.data_ptr<scalar_t>(), sh);
+    else
+      decode_all(q.data_ptr<scalar_t>(), k_pool.data_ptr<scalar_t>(), v_pool.data_ptr<scalar_t>(), tp, lp, S, MB,
+                 out.data_ptr<scalar_t>(), sh);
   });
   return out;
 }

@@ -53,7 +53,8 @@ async def model_info(request: Request) -> dict:
     return {"model_path": serving.model_name, "served_model_name": serving.model_name, "tokenizer_path": None,
             "is_generation": True, "max_context_length": serving.max_model_len,
             "tp_size": request.app.state.config.engine.tensor_parallel_size, "dp_size": 1,
-            "quantization": request.app.state.config.engine.quantization}
+            "quantization": request.app.state.config.engine.quantization,
+            "kv_cache_dtype": request.app.state.config.engine.kv_cache_dtype}
 
 
 @router.post("/tokenize", response_model=TokenizeResponse, responses=ERROR_RESPONSES)

@@ -73,6 +73,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     add_mla_argument(p)
     add_tensor_parallel_argument(p)
     add_quantization_argument(p)
+    add_kv_cache_dtype_argument(p)
     p.add_argument("--max-queue", type=int, default=int(_env("max_queue", 1024)), help="waiting requests before 429")
     p.add_argument("--max-request-bytes", type=int, default=int(_env("max_request_bytes", 1 << 20)), help="larger bodies get 413")
     p.add_argument("--api-key", default=_env("api_key", None), help="require 'Authorization: Bearer KEY' on /v1/*")
@@ -144,6 +145,15 @@ def add_quantization_argument(p: argparse.ArgumentParser) -> None:
                         "Q4_0/Q4_1 tensors as stored); activations keep --dtype")
 
 
+def add_kv_cache_dtype_argument(p: argparse.ArgumentParser) -> None:
+    """--kv-cache-dtype (serve, bench, eval): the KV pool's dtype, the model's or int8."""
+    from models.kv_int8 import KV_CACHE_DTYPES
+
+    p.add_argument("--kv-cache-dtype", default=_env("kv_cache_dtype", "auto"), choices=KV_CACHE_DTYPES,
+                   help="auto: the model's dtype; int8: keys and values as int8 with one float32 scale per token "
+                        "and head, ~1.9x the tokens in the same --kv-cache-memory")
+
+
 def speculative_config_from_args(args: argparse.Namespace):
     """A SpeculativeConfig, or None without --speculative. Raises ValueError for bad values."""
     from server.engine.speculative import SpeculativeConfig
@@ -173,6 +183,7 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
         kv_cache_memory=args.kv_cache_memory, num_kv_blocks=args.num_kv_blocks,
         enable_prefix_caching=args.enable_prefix_caching, speculative=speculative_config_from_args(args),
         mla_mode=args.mla_mode, tensor_parallel_size=args.tensor_parallel_size, quantization=args.quantization,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
     return ServerConfig(
         model=args.model, served_model_name=args.served_model_name, host=args.host, port=args.port,

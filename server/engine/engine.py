@@ -24,6 +24,7 @@ from models.tp_shard import local_kv_cache_spec
 from server.config import EngineConfig
 from server.engine.choice_output import ChoiceOutput
 from server.engine.grammar import GrammarCompiler
+from models.kv_int8 import pool_dtype
 from server.engine.kv_cache import BlockManager
 from server.engine.outputs import ChoiceDelta, RequestStats, StepStats, TokenLogprobs, merge_delta
 from server.engine.runner import ModelRunner, StepResult
@@ -57,7 +58,8 @@ class Engine:
         draft = load_draft_model(spec, loaded) if spec is not None and spec.method == "draft" else None
         draft_block_bytes = 0 if draft is None else draft.model.kv_cache_spec.bytes_per_block(config.block_size, draft.dtype)
         kv_spec = local_kv_cache_spec(loaded.model.kv_cache_spec, config.tensor_parallel_size)
-        num_blocks = config.resolve_num_blocks(kv_spec, loaded.dtype, max_model_len, draft_block_bytes)
+        kv_dtype = pool_dtype(config.kv_cache_dtype, loaded.dtype)
+        num_blocks = config.resolve_num_blocks(kv_spec, kv_dtype, max_model_len, draft_block_bytes)
         if num_blocks * config.block_size < max_model_len:
             log.warning("max_model_len %d lowered to the KV pool's %d tokens", max_model_len,
                         num_blocks * config.block_size)
@@ -71,7 +73,7 @@ class Engine:
         try:
             self.runner = ModelRunner(loaded, num_blocks, config.block_size, config.fast_kernels, self.grammars,
                                       config.mla_mode, self.workers and self.workers.tp, self.workers,
-                                      config.quantization)
+                                      config.quantization, kv_dtype)
             if self.workers is not None:
                 self.workers.wait_ready()
         except BaseException:
@@ -90,11 +92,11 @@ class Engine:
         self._retired: list[RequestStats] = []  # stats of requests retired outside step() (aborts)
         self.vocab_size = self.runner.vocab_size
         self._prefix_counts = (0, 0)
-        block_bytes = kv_spec.bytes_per_block(config.block_size, loaded.dtype) + draft_block_bytes
+        block_bytes = kv_spec.bytes_per_block(config.block_size, kv_dtype) + draft_block_bytes
         log.info("KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB%s%s); %s", num_blocks, config.block_size,
                  num_blocks * config.block_size, num_blocks * block_bytes / 2**30,
                  ", draft model's pool included" * bool(draft), " on each tensor-parallel rank" * bool(self.workers),
-                 kv_spec.describe(loaded.dtype))
+                 kv_spec.describe(kv_dtype))
 
     # ---- requests -----------------------------------------------------------------------------
 

@@ -73,10 +73,12 @@ class ModelRunner:
 
     def __init__(self, loaded: LoadedModel, num_blocks: int, block_size: int, fast_kernels: bool = True,
                  grammars: GrammarCompiler | None = None, mla_mode: str = "absorbed",
-                 tp: TensorParallel | None = None, workers=None, quantization: str | None = None):
+                 tp: TensorParallel | None = None, workers=None, quantization: str | None = None,
+                 kv_dtype: torch.dtype | None = None):
         """tp: this rank's place in a tensor-parallel group (the model is sharded here);
         workers: on rank 0, the WorkerGroup each step's inputs are sent to first;
-        quantization: a --quantization method (models/quantization.py), applied to the linears here."""
+        quantization: a --quantization method (models/quantization.py), applied to the linears here;
+        kv_dtype: the pools' dtype, the model's by default, or int8 (models/kv_int8.py)."""
         self.model, self.device, self.block_size = loaded.model, loaded.device, block_size
         self.stop_token_ids = list(loaded.tokenizer.stop_token_ids)
         self.vocab_size = self.model.vocab_parallel.vocab_size or self.model.lm_head.out_features  # V, not a shard
@@ -84,7 +86,8 @@ class ModelRunner:
         if tp is not None:
             shard_model(self.model, tp)
         spec = local_kv_cache_spec(self.model.kv_cache_spec, 1 if tp is None else tp.size)
-        self.kv_caches = spec.allocate(num_blocks, block_size, loaded.dtype, self.device)  # (NB, BS, KVH, D) pools
+        self.kv_dtype = kv_dtype or loaded.dtype
+        self.kv_caches = spec.allocate(num_blocks, block_size, self.kv_dtype, self.device)  # (NB, BS, KVH, D) pools
         self.model.bind_kv_cache(self.kv_caches)
         self.workspace = DecodeWorkspace()
         self.use_fused_decode = False

@@ -27,6 +27,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
+from models.kv_int8 import pool_dtype
 from models.loader import LoadedModel
 from models.parallel import TensorParallel
 from models.shm_all_reduce import SharedMemoryAllReduce
@@ -55,7 +56,8 @@ def start_workers(loaded: LoadedModel, config, num_blocks: int) -> "WorkerGroup 
         raise ValueError(f"tensor-parallel size {size} needs {size} GPUs; this machine has {torch.cuda.device_count()}")
     return WorkerGroup(loaded, size, dict(num_blocks=num_blocks, block_size=config.block_size,
                                           fast_kernels=config.fast_kernels, mla_mode=config.mla_mode,
-                                          quantization=config.quantization))
+                                          quantization=config.quantization,
+                                          kv_dtype=pool_dtype(config.kv_cache_dtype, loaded.dtype)))
 
 
 class WorkerGroup:

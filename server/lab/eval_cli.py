@@ -20,11 +20,12 @@ def perplexity_to_stdout(args) -> int:
     loaded = load_model(args.model, dtype=args.dtype, device=args.device, overrides=args.override)
     try:
         result = perplexity(loaded, args.model, text, path.name, args.window, args.stride, args.max_tokens,
-                            args.quantization)
+                            args.quantization, args.kv_cache_dtype)
     except ValueError as error:
         print(f"nanoserve eval: error: {error}", file=sys.stderr)
         return 2
     weights = f", {result.quantization} weights" if result.quantization else ""
+    weights += ", int8 KV cache" if result.kv_cache_dtype == "int8" else ""
     print(f"{result.model} ({result.dtype}{weights}) on {result.corpus}: perplexity {result.perplexity:.3f}, "
           f"{result.bits_per_byte:.4f} bits/byte, {result.bits_per_token:.4f} bits/token over "
           f"{result.num_scored_tokens} tokens ({result.num_bytes} bytes; window {result.window}, "

@@ -34,6 +34,7 @@ class PerplexityResult:
     model: str
     dtype: str
     quantization: str | None  # a --quantization method, or None
+    kv_cache_dtype: str       # auto (the model's dtype) or int8
     corpus: str
     window: int
     stride: int
@@ -73,14 +74,14 @@ def strided_windows(num_tokens: int, window: int, stride: int) -> list[tuple[int
 
 
 def window_nll(loaded: LoadedModel, tokens: list[int], windows: list[tuple[int, int, int]],
-               max_num_seqs: int = 4, quantization: str | None = None) -> float:
+               max_num_seqs: int = 4, quantization: str | None = None, kv_cache_dtype: str = "auto") -> float:
     """Summed negative log-likelihood (nats) of every window's scored positions, via the engine."""
     window = max(end - begin for begin, end, _ in windows)
     block_size = 16
     engine = Engine(loaded, EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max(2048, window),
                                          max_model_len=window, enable_prefix_caching=False, block_size=block_size,
                                          num_kv_blocks=max_num_seqs * (-(-window // block_size) + 1),
-                                         quantization=quantization))
+                                         quantization=quantization, kv_cache_dtype=kv_cache_dtype))
     params = SamplingParams(temperature=0.0, max_tokens=0, prompt_logprobs=0)
     for i, (begin, end, _) in enumerate(windows):
         engine.add_request(str(i), tokens[begin:end], params)
@@ -97,7 +98,7 @@ def window_nll(loaded: LoadedModel, tokens: list[int], windows: list[tuple[int, 
 
 def perplexity(loaded: LoadedModel, name: str, text: str, corpus: str, window: int | None = None,
                stride: int | None = None, max_tokens: int | None = None,
-               quantization: str | None = None) -> PerplexityResult:
+               quantization: str | None = None, kv_cache_dtype: str = "auto") -> PerplexityResult:
     """Score `text` (its first max_tokens tokens) with strided windows; defaults: window = the
     model's context capped at 1024, stride = window / 2."""
     tokens = loaded.tokenizer.encode(text)[:max_tokens]
@@ -110,12 +111,13 @@ def perplexity(loaded: LoadedModel, name: str, text: str, corpus: str, window: i
                          f"not {stride}")
     windows = strided_windows(len(tokens), window, stride)
     start = time.perf_counter()
-    nll = window_nll(loaded, tokens, windows, quantization=quantization)
+    nll = window_nll(loaded, tokens, windows, quantization=quantization, kv_cache_dtype=kv_cache_dtype)
     elapsed = time.perf_counter() - start
     num_scored = len(tokens) - 1
     num_bytes = len(loaded.tokenizer.decode(tokens[1:]).encode("utf-8"))
     return PerplexityResult(
-        model=name, dtype=str(loaded.dtype).removeprefix("torch."), quantization=quantization, corpus=corpus, window=window, stride=stride,
+        model=name, dtype=str(loaded.dtype).removeprefix("torch."), quantization=quantization,
+        kv_cache_dtype=kv_cache_dtype, corpus=corpus, window=window, stride=stride,
         num_scored_tokens=num_scored, num_bytes=num_bytes, nll_nats=nll, perplexity=math.exp(nll / num_scored),
         bits_per_token=nll / num_scored / math.log(2), bits_per_byte=nll / num_bytes / math.log(2),
         elapsed_s=elapsed)
