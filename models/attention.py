@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.fused_attention import fused_decode_attention
+from models.fused_attention import decode_kernel, fused_decode_attention
 from models.kv_int8 import read_rows, store_rows
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # k, v pools: (NB, BS, KVH, D) each; (NB, BS, KVH, D + 4) int8 rows
@@ -142,7 +142,7 @@ def paged_attention(
 ) -> torch.Tensor:
     """Causal attention for a packed batch. q (N, H, D), k and v (N, KVH, D) -> (N, H, D)."""
     if kv_cache is not None:
-        write_kv(k, v, kv_cache, meta.slot_mapping)
+        write_kv(k, v, kv_cache, meta.slot_mapping, decode_kernel() if meta.use_fused_decode else None)
     out = torch.empty_like(q)  # (N, H, D)
     rows = meta.num_decode_tokens
     if rows and meta.use_fused_decode:
@@ -173,11 +173,12 @@ class PagedAttention(nn.Module):
         return paged_attention(q, k, v, kv_cache, meta, self.scale)  # (N, H, D)
 
 
-def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache, slot_mapping: torch.Tensor) -> None:
-    """Store new keys and values (N, KVH, D) into the pools at their slots (quantized for int8 pools)."""
+def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache, slot_mapping: torch.Tensor, kernel=None) -> None:
+    """Store new keys and values (N, KVH, D) into the pools at their slots (quantized for int8
+    pools, by the C++ kernel when one is given)."""
     k_pool, v_pool = kv_cache
-    store_rows(k_pool, slot_mapping, k)
-    store_rows(v_pool, slot_mapping, v)
+    store_rows(k_pool, slot_mapping, k, kernel)
+    store_rows(v_pool, slot_mapping, v, kernel)
 
 
 def gather_kv(kv_cache: KVCache, block_table: torch.Tensor, seq_len: int, dtype: torch.dtype) -> KVCache:

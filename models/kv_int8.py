@@ -35,10 +35,13 @@ def row_width(head_dim: int, dtype: torch.dtype) -> int:
 
 
 def quantize_rows(x: torch.Tensor) -> torch.Tensor:
-    """(..., D) floats -> (..., D + 4) int8 rows, each with its float32 scale at the end."""
+    """(..., D) floats -> (..., D + 4) int8 rows, each with its float32 scale at the end.
+
+    Written as multiplications by reciprocals, the arithmetic the C++ store (compiled with
+    -ffast-math) does, so both write the same bytes."""
     xf = x.float()
-    scale = xf.abs().amax(-1, keepdim=True).clamp_min(1e-12) / 127.0  # (..., 1)
-    values = torch.round(xf / scale).clamp_(-127, 127).to(torch.int8)  # (..., D)
+    scale = xf.abs().amax(-1, keepdim=True).clamp_min(1e-12) * (1.0 / 127)  # (..., 1)
+    values = torch.round(xf * scale.reciprocal()).clamp_(-127, 127).to(torch.int8)  # (..., D), half to even
     return torch.cat((values, scale.view(torch.int8)), dim=-1)  # (..., D + 4)
 
 
@@ -48,9 +51,15 @@ def dequantize_rows(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (rows[..., :-SCALE_BYTES].float() * scale).to(dtype)
 
 
-def store_rows(pool: torch.Tensor, slot_mapping: torch.Tensor, rows: torch.Tensor) -> None:
-    """Write new rows (N, KVH, D) at their slots of a (NB, BS, KVH, W) pool, quantizing for int8."""
+def store_rows(pool: torch.Tensor, slot_mapping: torch.Tensor, rows: torch.Tensor, kernel=None) -> None:
+    """Write new rows (N, KVH, D) at their slots of a (NB, BS, KVH, W) pool, quantizing for int8.
+
+    kernel: the compiled decode module (models/fused_attention.py), whose C++ store quantizes
+    and scatters an int8 pool's rows in one pass, byte for byte what the PyTorch path writes."""
     if pool.dtype == torch.int8:
+        if kernel is not None:
+            kernel.store_int8_rows(pool, slot_mapping, rows)
+            return
         rows = quantize_rows(rows)  # (N, KVH, D + 4)
     pool.view(-1, *pool.shape[2:]).index_copy_(0, slot_mapping, rows)  # (NB*BS, KVH, W)
 

@@ -59,6 +59,27 @@ def test_the_same_memory_holds_about_twice_the_tokens():
     assert sizes["int8"] == pytest.approx(sizes["auto"] * 2 * head_dim / (head_dim + 4), abs=1)
 
 
+needs_kernel = pytest.mark.skipif(not can_build(), reason="no compiler or ninja here: the fused kernel cannot build")
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_cpp_store_writes_the_bytes_the_torch_path_writes(dtype):
+    """Same scale bits, same rounding (half to even), same slots; strided input rows too."""
+    from models.fused_attention import decode_kernel
+
+    gen = torch.Generator().manual_seed(2)
+    qkv = (torch.randn(40, 3, 4, 64, generator=gen) * torch.logspace(-4, 3, 40)[:, None, None, None]).to(dtype)
+    rows = qkv[:, 1]  # (40, 4, 64), not contiguous, as a split of a fused projection is
+    rows[0] = 0  # an all-zero row
+    rows[1, :, :3] = torch.tensor([1.5, -2.5, 127.0])  # ties after scaling by 127 / 127
+    slots = torch.randperm(60, generator=gen)[:40]
+    pools = [torch.zeros(15, 4, 4, 64 + SCALE_BYTES, dtype=torch.int8) for _ in range(2)]
+    write_kv(rows, rows, (pools[0], pools[0]), slots)
+    write_kv(rows, rows, (pools[1], pools[1]), slots, kernel=decode_kernel())
+    assert torch.equal(pools[0], pools[1])
+
+
 # ---- attention over int8 pools ------------------------------------------------------------------
 
 def _mixed_batch(seed: int, pool_dtype: torch.dtype):
@@ -93,9 +114,6 @@ def test_mixed_batch_over_an_int8_pool_is_dense_attention_over_the_dequantized_c
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     exact = torch.cat([dense_attention(qi, k, v, D**-0.5) for qi, k, v in zip(qs, ks, vs)])
     assert (out - exact).norm() / exact.norm() < 0.02
-
-
-needs_kernel = pytest.mark.skipif(not can_build(), reason="no compiler or ninja here: the fused kernel cannot build")
 
 
 @needs_kernel

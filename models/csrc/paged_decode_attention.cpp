@@ -126,8 +126,10 @@ static inline __m512 load16(const int8_t* p) {  // unscaled: the row's scale is 
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
 
-// The float32 scale stored after an int8 row's D values.
-static inline float int8_row_scale(const int8_t* row, int64_t D) {
+// The float32 scale stored after an int8 row's D values (1 for rows of other dtypes).
+template <typename P>
+static inline float row_scale(const P*, int64_t) { return 1.0f; }
+static inline float row_scale(const int8_t* row, int64_t D) {
   float scale;
   std::memcpy(&scale, row + D, sizeof(float));
   return scale;
@@ -142,92 +144,115 @@ static inline void prefetch_rows(const char* first, int64_t rows, int64_t stride
 
 constexpr int64_t kMaxGroup = 16;  // query heads per KV head the AVX-512 path takes (GQA groups)
 
-// The G query heads that share one KV head, for one sequence. NV = D / 16 float32 vectors per
-// head row. Each chunk of up to 16 cached tokens is widened to float32 once into L1 buffers and
-// then scored and accumulated for every head of the group, so grouped-query models read and
-// convert their cache once per KV head, not once per query head. int8 rows are always widened,
-// each multiplied by its scale on the way into L1.
-template <typename T, typename P, int NV, bool kWiden>
-static void decode_group_avx512(const T* q, const P* k_pool, const P* v_pool, const int64_t* table, int64_t len,
-                                int64_t kv_head, int64_t G, T* out, const Shape& sh) {
+// Online-softmax state of NQ query heads, in one 64-byte-aligned float buffer:
+// queries (NQ, D) pre-scaled, accumulators (NQ, D), running max (NQ), running sum (NQ).
+struct HeadStates {
+  float *queries, *accs, *running_max, *running_sum;
+  HeadStates(std::vector<float>& buf, int64_t NQ, int64_t D) {
+    buf.resize(2 * NQ * D + 2 * NQ + 16);
+    float* base = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t(63));
+    queries = base, accs = base + NQ * D, running_max = accs + NQ * D, running_sum = running_max + NQ;
+  }
+};
+
+// One chunk of n <= 16 cached tokens of one KV head (`keys`, `values`: token 0 of the chunk,
+// consecutive tokens `row` elements apart) folded into the state of the G query heads that
+// share it. kWiden: the chunk is widened to float32 once into L1 and read back by every head of
+// the group (int8 rows scaled on the way); otherwise the one head reads the pool directly, and
+// an int8 row's scales are applied to its score and its softmax weight instead of its values.
+template <typename P, int NV, bool kWiden>
+static inline void attend_chunk(const P* keys, const P* values, int64_t row, int n, int64_t G, float* queries,
+                                float* accs, float* running_max, float* running_sum) {
   constexpr int D = 16 * NV;
   constexpr bool kInt8 = std::is_same_v<P, int8_t>;
-  static_assert(kWiden || !kInt8, "int8 rows are scaled while widened");
-  const int64_t row = sh.KVH * sh.W;  // elements between consecutive tokens of a block
-  const int64_t head_bytes = sh.W * static_cast<int64_t>(sizeof(P));
-  alignas(64) float queries[kMaxGroup * D], accs[kMaxGroup * D];  // (G, D) scaled queries, accumulators
-  alignas(64) float keys_f[16 * D], values_f[16 * D];               // (16, D) this chunk, widened
-  alignas(64) float weights[16];
-  float running_max[kMaxGroup], running_sum[kMaxGroup];           // online softmax state per head
-  for (int64_t g = 0; g < G; ++g) {
-    for (int i = 0; i < NV; ++i) {
-      _mm512_store_ps(queries + g * D + 16 * i, _mm512_mul_ps(load16(q + g * D + 16 * i), _mm512_set1_ps(sh.scale)));
-      _mm512_store_ps(accs + g * D + 16 * i, _mm512_setzero_ps());
+  alignas(64) float keys_f[kWiden ? 16 * D : 1], values_f[kWiden ? 16 * D : 1];  // (16, D) widened chunk
+  alignas(64) float weights[16], k_scales[16], v_scales[16];
+  auto key = [&](int t, int i) { if constexpr (kWiden) return _mm512_load_ps(keys_f + t * D + 16 * i); else return load16(keys + t * row + 16 * i); };
+  auto value = [&](int t, int i) { if constexpr (kWiden) return _mm512_load_ps(values_f + t * D + 16 * i); else return load16(values + t * row + 16 * i); };
+  if constexpr (kWiden) {
+    for (int t = 0; t < n; ++t) {
+      const __m512 k_scale = _mm512_set1_ps(row_scale(keys + t * row, D));
+      const __m512 v_scale = _mm512_set1_ps(row_scale(values + t * row, D));
+      for (int i = 0; i < NV; ++i) {
+        __m512 k = load16(keys + t * row + 16 * i), v = load16(values + t * row + 16 * i);
+        if constexpr (kInt8) k = _mm512_mul_ps(k, k_scale), v = _mm512_mul_ps(v, v_scale);
+        _mm512_store_ps(keys_f + t * D + 16 * i, k);
+        _mm512_store_ps(values_f + t * D + 16 * i, v);
+      }
     }
-    running_max[g] = -1e30f;
-    running_sum[g] = 0.0f;
+  } else if constexpr (kInt8) {
+    for (int t = 0; t < n; ++t) k_scales[t] = row_scale(keys + t * row, D), v_scales[t] = row_scale(values + t * row, D);
   }
+  const __mmask16 valid = static_cast<__mmask16>((1u << n) - 1u);
+  for (int64_t g = 0; g < G; ++g) {
+    __m512 qv[NV], acc[NV];
+    for (int i = 0; i < NV; ++i) qv[i] = _mm512_load_ps(queries + g * D + 16 * i);
+    for (int t = 0; t < n; ++t) {
+      __m512 dot = _mm512_mul_ps(qv[0], key(t, 0));
+      for (int i = 1; i < NV; ++i) dot = _mm512_fmadd_ps(qv[i], key(t, i), dot);
+      weights[t] = _mm512_reduce_add_ps(dot);
+      if constexpr (kInt8 && !kWiden) weights[t] *= k_scales[t];
+    }
+    const __m512 scores = _mm512_mask_loadu_ps(_mm512_set1_ps(-1e30f), valid, weights);
+    const float new_max = std::max(running_max[g], _mm512_reduce_max_ps(scores));
+    const __m512 probs = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(scores, _mm512_set1_ps(new_max))));
+    const float rescale = std::exp(running_max[g] - new_max);
+    running_sum[g] = running_sum[g] * rescale + _mm512_reduce_add_ps(probs);
+    running_max[g] = new_max;
+    _mm512_store_ps(weights, probs);
+    for (int i = 0; i < NV; ++i) acc[i] = _mm512_mul_ps(_mm512_load_ps(accs + g * D + 16 * i), _mm512_set1_ps(rescale));
+    for (int t = 0; t < n; ++t) {
+      const __m512 w = _mm512_set1_ps(kInt8 && !kWiden ? weights[t] * v_scales[t] : weights[t]);
+      for (int i = 0; i < NV; ++i) acc[i] = _mm512_fmadd_ps(w, value(t, i), acc[i]);
+    }
+    for (int i = 0; i < NV; ++i) _mm512_store_ps(accs + g * D + 16 * i, acc[i]);
+  }
+}
+
+// KV heads [h0, h1) of one sequence and the query heads that share them. NV = D / 16 float32
+// vectors per head row. Blocks are the outer loop and heads the inner one, so a block's rows
+// (KVH heads side by side per token) are read as one contiguous stretch while they sit in L1/L2,
+// and the next blocks are prefetched whole, because blocks are scattered and hardware
+// prefetchers stop at their edges. Decode attention is bound by reading the cache.
+template <typename T, typename P, int NV, bool kWiden>
+static void decode_heads_avx512(const T* q, const P* k_pool, const P* v_pool, const int64_t* table, int64_t len,
+                                int64_t h0, int64_t h1, int64_t G, T* out, const Shape& sh, std::vector<float>& buf) {
+  constexpr int D = 16 * NV;
+  const int64_t row = sh.KVH * sh.W;  // elements between consecutive tokens of a block
+  const int64_t NQ = (h1 - h0) * G;   // query heads served, adjacent in q from query head h0 * G
+  HeadStates st(buf, NQ, D);
+  for (int64_t j = 0; j < NQ; ++j) {
+    for (int i = 0; i < NV; ++i) {
+      _mm512_store_ps(st.queries + j * D + 16 * i, _mm512_mul_ps(load16(q + (h0 * G + j) * D + 16 * i), _mm512_set1_ps(sh.scale)));
+      _mm512_store_ps(st.accs + j * D + 16 * i, _mm512_setzero_ps());
+    }
+    st.running_max[j] = -1e30f;
+    st.running_sum[j] = 0.0f;
+  }
+  const int64_t span_bytes = (h1 - h0) * sh.W * static_cast<int64_t>(sizeof(P));  // heads h0..h1 of one token
   const int64_t num_blocks = (len + sh.BS - 1) / sh.BS;
   for (int64_t b = 0; b < num_blocks; ++b) {
-    const int64_t base = table[b] * sh.BS * row + kv_head * sh.W;  // token 0 of block b, this head
+    const int64_t block = table[b] * sh.BS * row;  // token 0 of block b
     const int64_t in_block = std::min(sh.BS, len - b * sh.BS);
     for (int64_t ahead = (b == 0 ? 1 : kPrefetchBlocks); ahead <= kPrefetchBlocks; ++ahead) {  // keep blocks b+1.. in flight
       if (b + ahead >= num_blocks) break;
-      const int64_t next = table[b + ahead] * sh.BS * row + kv_head * sh.W;
+      const int64_t next = table[b + ahead] * sh.BS * row + h0 * sh.W;
       const int64_t rows = std::min(sh.BS, len - (b + ahead) * sh.BS);
-      prefetch_rows(reinterpret_cast<const char*>(k_pool + next), rows, row * sizeof(P), head_bytes);
-      prefetch_rows(reinterpret_cast<const char*>(v_pool + next), rows, row * sizeof(P), head_bytes);
+      prefetch_rows(reinterpret_cast<const char*>(k_pool + next), rows, row * sizeof(P), span_bytes);
+      prefetch_rows(reinterpret_cast<const char*>(v_pool + next), rows, row * sizeof(P), span_bytes);
     }
-    for (int64_t c = 0; c < in_block; c += 16) {
-      const int n = static_cast<int>(std::min<int64_t>(16, in_block - c));
-      const P* keys = k_pool + base + c * row;
-      const P* values = v_pool + base + c * row;
-      // a group widens the chunk once into L1; a lone head (G = 1) reads the pool directly
-      auto key = [&](int t, int i) { return kWiden ? _mm512_load_ps(keys_f + t * D + 16 * i) : load16(keys + t * row + 16 * i); };
-      auto value = [&](int t, int i) { return kWiden ? _mm512_load_ps(values_f + t * D + 16 * i) : load16(values + t * row + 16 * i); };
-      if constexpr (kInt8)
-        for (int t = 0; t < n; ++t) {
-          const __m512 k_scale = _mm512_set1_ps(int8_row_scale(keys + t * row, D));
-          const __m512 v_scale = _mm512_set1_ps(int8_row_scale(values + t * row, D));
-          for (int i = 0; i < NV; ++i) {
-            _mm512_store_ps(keys_f + t * D + 16 * i, _mm512_mul_ps(load16(keys + t * row + 16 * i), k_scale));
-            _mm512_store_ps(values_f + t * D + 16 * i, _mm512_mul_ps(load16(values + t * row + 16 * i), v_scale));
-          }
-        }
-      else if constexpr (kWiden)
-        for (int t = 0; t < n; ++t)
-          for (int i = 0; i < NV; ++i) {
-            _mm512_store_ps(keys_f + t * D + 16 * i, load16(keys + t * row + 16 * i));
-            _mm512_store_ps(values_f + t * D + 16 * i, load16(values + t * row + 16 * i));
-          }
-      const __mmask16 valid = static_cast<__mmask16>((1u << n) - 1u);
-      for (int64_t g = 0; g < G; ++g) {
-        __m512 qv[NV], acc[NV];
-        for (int i = 0; i < NV; ++i) qv[i] = _mm512_load_ps(queries + g * D + 16 * i);
-        for (int t = 0; t < n; ++t) {
-          __m512 dot = _mm512_mul_ps(qv[0], key(t, 0));
-          for (int i = 1; i < NV; ++i) dot = _mm512_fmadd_ps(qv[i], key(t, i), dot);
-          weights[t] = _mm512_reduce_add_ps(dot);
-        }
-        const __m512 scores = _mm512_mask_loadu_ps(_mm512_set1_ps(-1e30f), valid, weights);
-        const float new_max = std::max(running_max[g], _mm512_reduce_max_ps(scores));
-        const __m512 probs = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(scores, _mm512_set1_ps(new_max))));
-        const float rescale = std::exp(running_max[g] - new_max);
-        running_sum[g] = running_sum[g] * rescale + _mm512_reduce_add_ps(probs);
-        running_max[g] = new_max;
-        _mm512_store_ps(weights, probs);
-        for (int i = 0; i < NV; ++i) acc[i] = _mm512_mul_ps(_mm512_load_ps(accs + g * D + 16 * i), _mm512_set1_ps(rescale));
-        for (int t = 0; t < n; ++t) {
-          const __m512 w = _mm512_set1_ps(weights[t]);
-          for (int i = 0; i < NV; ++i) acc[i] = _mm512_fmadd_ps(w, value(t, i), acc[i]);
-        }
-        for (int i = 0; i < NV; ++i) _mm512_store_ps(accs + g * D + 16 * i, acc[i]);
+    for (int64_t h = h0; h < h1; ++h) {
+      const int64_t j = (h - h0) * G;
+      for (int64_t c = 0; c < in_block; c += 16) {
+        const int64_t at = block + c * row + h * sh.W;
+        attend_chunk<P, NV, kWiden>(k_pool + at, v_pool + at, row, static_cast<int>(std::min<int64_t>(16, in_block - c)), G,
+                                    st.queries + j * D, st.accs + j * D, st.running_max + j, st.running_sum + j);
       }
     }
   }
-  for (int64_t g = 0; g < G; ++g) {
-    const float inv = 1.0f / running_sum[g];
-    for (int d = 0; d < D; ++d) out[g * D + d] = static_cast<T>(accs[g * D + d] * inv);
+  for (int64_t j = 0; j < NQ; ++j) {
+    const float inv = 1.0f / st.running_sum[j];
+    for (int d = 0; d < D; ++d) out[(h0 * G + j) * D + d] = static_cast<T>(st.accs[j * D + d] * inv);
   }
 }
 
@@ -236,25 +261,29 @@ static bool decode_all_avx512(const T* q, const P* k_pool, const P* v_pool, cons
                               int64_t S, int64_t MB, T* out, const Shape& sh) {
   const int64_t G = sh.H / sh.KVH;
   if (G > kMaxGroup) return false;
-  const bool widen = G > 1 || std::is_same_v<P, int8_t>;
-  auto run = [&](auto widened_fn, auto direct_fn) {
-    at::parallel_for(0, S * sh.KVH, 1, [&](int64_t begin, int64_t end) {
+  // Work items: (sequence, slice of the KV heads); whole sequences when there are enough of them
+  // for every thread, else each sequence's heads split in up to KVH slices.
+  const int64_t threads = at::get_num_threads();
+  const int64_t slices = std::min<int64_t>(sh.KVH, std::max<int64_t>(1, (2 * threads + S - 1) / S));
+  auto run = [&](auto fn) {
+    at::parallel_for(0, S * slices, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> buf;
       for (int64_t item = begin; item < end; ++item) {
-        const int64_t s = item / sh.KVH, kv_head = item % sh.KVH;
+        const int64_t s = item / slices, slice = item % slices;
         TORCH_CHECK(lens[s] >= 1 && lens[s] <= MB * sh.BS, "sequence length outside its block table");
-        const int64_t first = (s * sh.H + kv_head * G) * sh.D;  // the group's query heads are adjacent
-        (widen ? widened_fn : direct_fn)(q + first, k_pool, v_pool, tables + s * MB, lens[s], kv_head, G, out + first, sh);
+        const int64_t h0 = slice * sh.KVH / slices, h1 = (slice + 1) * sh.KVH / slices;
+        fn(q + s * sh.H * sh.D, k_pool, v_pool, tables + s * MB, lens[s], h0, h1, G, out + s * sh.H * sh.D, sh, buf);
       }
     });
   };
-  // int8 pools always widen; their unused "direct" slot names the widened kernel too
-  constexpr bool kDirectWidens = std::is_same_v<P, int8_t>;
+  // a GQA group widens each chunk once for its heads; a lone head reads the pool directly
+  const bool widen = G > 1;
   switch (sh.D) {
-    case 16: run(decode_group_avx512<T, P, 1, true>, decode_group_avx512<T, P, 1, kDirectWidens>); return true;
-    case 32: run(decode_group_avx512<T, P, 2, true>, decode_group_avx512<T, P, 2, kDirectWidens>); return true;
-    case 64: run(decode_group_avx512<T, P, 4, true>, decode_group_avx512<T, P, 4, kDirectWidens>); return true;
-    case 128: run(decode_group_avx512<T, P, 8, true>, decode_group_avx512<T, P, 8, kDirectWidens>); return true;
-    case 256: run(decode_group_avx512<T, P, 16, true>, decode_group_avx512<T, P, 16, kDirectWidens>); return true;
+    case 16: widen ? run(decode_heads_avx512<T, P, 1, true>) : run(decode_heads_avx512<T, P, 1, false>); return true;
+    case 32: widen ? run(decode_heads_avx512<T, P, 2, true>) : run(decode_heads_avx512<T, P, 2, false>); return true;
+    case 64: widen ? run(decode_heads_avx512<T, P, 4, true>) : run(decode_heads_avx512<T, P, 4, false>); return true;
+    case 128: widen ? run(decode_heads_avx512<T, P, 8, true>) : run(decode_heads_avx512<T, P, 8, false>); return true;
+    case 256: widen ? run(decode_heads_avx512<T, P, 16, true>) : run(decode_heads_avx512<T, P, 16, false>); return true;
     default: return false;
   }
 }
@@ -303,8 +332,46 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_pool, torc
   return out;
 }
 
+// New keys or values (N, KVH, D) quantized into an int8 pool viewed as (slots, KVH, D + 4), the same
+// arithmetic as models/kv_int8.py's quantize_rows: scale = max(|x|max, 1e-12) * (1/127),
+// q = clamp(round_half_even(x * (1/scale)), -127, 127), the scale's 4 bytes after the values.
+template <typename T>
+static void store_int8_rows_impl(const T* rows, const int64_t* slots, int8_t* pool, int64_t N, int64_t KVH, int64_t D) {
+  const int64_t W = D + 4;
+  at::parallel_for(0, N * KVH, 64, [&](int64_t begin, int64_t end) {
+    std::vector<float> x(D);
+    for (int64_t i = begin; i < end; ++i) {
+      to_float(rows + i * D, x.data(), D);
+      float amax = 0.0f;
+      for (int64_t d = 0; d < D; ++d) amax = std::max(amax, std::fabs(x[d]));
+      // each through a volatile, so -ffast-math cannot reassociate x * (1 / (m * c)) into
+      // another rounding of the same quotient than the PyTorch path's
+      volatile float scale_bits = std::max(amax, 1e-12f) * (1.0f / 127.0f);
+      const float scale = scale_bits;
+      volatile float inv_bits = 1.0f / scale;
+      const float inv = inv_bits;
+      int8_t* dst = pool + (slots[i / KVH] * KVH + i % KVH) * W;
+      for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<int8_t>(std::clamp(std::nearbyint(x[d] * inv), -127.0f, 127.0f));
+      std::memcpy(dst + D, &scale, sizeof(float));
+    }
+  });
+}
+
+void store_int8_rows(torch::Tensor pool, torch::Tensor slot_mapping, torch::Tensor rows) {
+  TORCH_CHECK(pool.scalar_type() == torch::kChar && pool.is_contiguous() && pool.dim() == 4, "an int8 (NB, BS, KVH, D + 4) pool");
+  TORCH_CHECK(slot_mapping.scalar_type() == torch::kInt64, "int64 slots");
+  auto src = rows.contiguous();
+  auto slots = slot_mapping.contiguous();
+  const int64_t N = src.size(0), KVH = src.size(1), D = src.size(2);
+  TORCH_CHECK(pool.size(2) == KVH && pool.size(3) == D + 4 && slots.numel() == N, "shape mismatch");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, src.scalar_type(), "store_int8_rows", [&] {
+    store_int8_rows_impl(src.data_ptr<scalar_t>(), slots.data_ptr<int64_t>(), pool.data_ptr<int8_t>(), N, KVH, D);
+  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention, "paged decode attention (CPU)");
+  m.def("store_int8_rows", &store_int8_rows, "quantize new K or V rows into an int8 pool at their slots (CPU)");
 #ifdef NANOSERVE_HAS_AVX512
   m.def("has_avx512_path", [] { return true; }, "whether head dims that are multiples of 16 take the AVX-512 path");
 #else
