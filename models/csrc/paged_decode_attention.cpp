@@ -8,11 +8,13 @@
 // models/kv_int8.py); int8 rows are widened and scaled to float32 as they are read.
 //
 // Two implementations of the same math, all accumulation in float32:
-// - AVX-512 (D a multiple of 16): one task per (sequence, KV head) serving the query heads that
-//   share it, a single pass over the cache with an online softmax (flash-decoding style), 16
-//   tokens at a time, widened to float32 once per chunk; the next blocks' rows are prefetched
-//   while the current one is scored, because blocks are scattered and hardware prefetchers stop
-//   at block edges. Decode attention is bound by reading the cache, so that is what it optimizes.
+// - AVX-512 (D a multiple of 16): one task per sequence (or per (sequence, KV head) when the
+//   batch is shorter than two sequences a thread), a single pass over the cache with an online
+//   softmax (flash-decoding style), 16 tokens at a time. Blocks are the outer loop and heads the
+//   inner one, so each block's rows are read as one contiguous stretch, and the next blocks are
+//   prefetched whole while the current one is scored, because blocks are scattered and hardware
+//   prefetchers stop at block edges. Decode attention is bound by reading the cache, so that is
+//   what it optimizes. A store kernel quantizes new rows into an int8 pool.
 // - Portable: one task per sequence, three passes (scores, softmax, weighted values).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -287,10 +289,10 @@ static bool decode_all_avx512(const T* q, const P* k_pool, const P* v_pool, cons
                               int64_t S, int64_t MB, T* out, const Shape& sh) {
   const int64_t G = sh.H / sh.KVH;
   if (G > kMaxGroup) return false;
-  // Work items: (sequence, slice of the KV heads); whole sequences when there are enough of them
-  // for every thread, else each sequence's heads split in up to KVH slices.
+  // Work items: (sequence, slice of the KV heads); whole sequences when there are at least two
+  // per thread, else one KV head each (a short batch still spreads over every thread).
   const int64_t threads = at::get_num_threads();
-  const int64_t slices = std::min<int64_t>(sh.KVH, std::max<int64_t>(1, (2 * threads + S - 1) / S));
+  const int64_t slices = S >= 2 * threads ? 1 : sh.KVH;
   auto run = [&](auto fn) {
     at::parallel_for(0, S * slices, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> buf;
