@@ -151,5 +151,5 @@ torch::Tensor amx_linear(torch::Tensor, int64_t, int64_t, c10::optional<torch::T
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("amx_available", &amx_available, "whether this build and process can run AMX tiles");
-  m.def("amx_linear", &amx_linear, "y = act(x @ W^T + b) for a oneDNN-packed (AB16b32a2b) bf16 weight");
+  m.def("amx_linear", &amx_linear, py::call_guard<py::gil_scoped_release>(), "y = act(x @ W^T + b) for a oneDNN-packed (AB16b32a2b) bf16 weight");
 }

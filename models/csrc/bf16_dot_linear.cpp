@@ -73,6 +73,6 @@ torch::Tensor bf16_dot_linear(torch::Tensor, int64_t, int64_t, c10::optional<tor
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bf16_dot_available", &bf16_dot_available, "whether this build has the AVX512-BF16 path");
-  m.def("bf16_dot_linear", &bf16_dot_linear,
+  m.def("bf16_dot_linear", &bf16_dot_linear, py::call_guard<py::gil_scoped_release>(),
         "y = act(x @ W^T + b) for a bf16 weight oneDNN packed in 64-column blocks of k-pairs");
 }

@@ -151,6 +151,6 @@ torch::Tensor int4_linear(torch::Tensor, torch::Tensor, torch::Tensor, torch::Te
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_linear_available", &int4_linear_available, "whether this build has the AVX512-BF16 path");
-  m.def("int4_linear", &int4_linear,
+  m.def("int4_linear", &int4_linear, py::call_guard<py::gil_scoped_release>(),
         "y = act(x @ W^T + b) for group-wise 4-bit W = scale * v + min, nibbles in 64-column blocks of k-pairs");
 }

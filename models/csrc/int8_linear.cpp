@@ -100,6 +100,6 @@ torch::Tensor int8_linear(torch::Tensor, torch::Tensor, torch::Tensor, c10::opti
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_linear_available", &int8_linear_available, "whether this build has the AVX512-BF16 path");
-  m.def("int8_linear", &int8_linear,
+  m.def("int8_linear", &int8_linear, py::call_guard<py::gil_scoped_release>(),
         "y = act((x @ Q^T) * scale + b) for an int8 weight in 64-column blocks of k-pairs");
 }

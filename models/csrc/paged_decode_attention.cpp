@@ -398,8 +398,8 @@ void store_int8_rows(torch::Tensor pool, torch::Tensor slot_mapping, torch::Tens
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode_attention", &paged_decode_attention, "paged decode attention (CPU)");
-  m.def("store_int8_rows", &store_int8_rows, "quantize new K or V rows into an int8 pool at their slots (CPU)");
+  m.def("paged_decode_attention", &paged_decode_attention, py::call_guard<py::gil_scoped_release>(), "paged decode attention (CPU)");
+  m.def("store_int8_rows", &store_int8_rows, py::call_guard<py::gil_scoped_release>(), "quantize new K or V rows into an int8 pool at their slots (CPU)");
 #ifdef NANOSERVE_HAS_AVX512
   m.def("has_avx512_path", [] { return true; }, "whether head dims that are multiples of 16 take the AVX-512 path");
 #else
