@@ -43,6 +43,20 @@ def greedy(max_tokens: int = MAX_TOKENS, **kw) -> SamplingParams:
     return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **kw)
 
 
+def assert_batch_invariant(engine: Engine, expect_preemption: bool) -> None:
+    """Greedy output of 12 prompts alone equals their output in one batch and in a reversed batch
+    (cached prefixes, when prefix caching is on); no KV block is held afterwards."""
+    prompts = make_prompts(12, seed=1)
+    alone = [engine.generate([p], greedy())[0][0].token_ids for p in prompts]
+    batched = [c[0].token_ids for c in engine.generate(prompts, greedy())]
+    assert batched == alone
+    again = [c[0].token_ids for c in engine.generate(prompts[::-1], greedy())][::-1]
+    assert again == alone
+    if expect_preemption:  # recomputed prefills of preempted sequences: prefill = decode
+        assert engine.scheduler.num_preemptions > 0
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
 def assert_matches_reference(loaded, engine: Engine, prompts: list[list[int]]) -> None:
     results = engine.generate(prompts, greedy())
     for prompt, (choice,) in zip(prompts, results):

@@ -3,11 +3,6 @@ layer (kernel, PyTorch reference) against exact math on the same quantized weigh
 against the fp32 layers they replace, and the engine's invariants on quantized models."""
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
-import httpx
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,9 +15,7 @@ from models.quantized_linear import (Int4Linear, Int8Linear, QuantizedLinear, in
                                      pack_nibbles, quantize_int4, quantize_int8, unpack_nibbles)
 from server.config import EngineConfig
 from server.engine.engine import Engine
-from tests.test_engine import greedy, make_prompts
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.test_engine import assert_batch_invariant, greedy, make_prompts
 
 
 def has_avx512_bf16() -> bool:
@@ -187,15 +180,7 @@ def test_engine_invariants_hold_on_a_quantized_model(method, name, config):
     kind = Int8Linear if method == "int8" else Int4Linear
     assert not any(isinstance(m, torch.nn.Linear) for m in engine.runner.model.modules())
     assert any(isinstance(m, kind) for m in engine.runner.model.modules())
-    prompts = make_prompts(12, seed=1)
-    alone = [engine.generate([p], greedy())[0][0].token_ids for p in prompts]
-    batched = [c[0].token_ids for c in engine.generate(prompts, greedy())]
-    assert batched == alone
-    again = [c[0].token_ids for c in engine.generate(prompts[::-1], greedy())][::-1]  # cached prefixes, if on
-    assert again == alone
-    if config.get("num_kv_blocks") == 24:  # recomputed prefills of preempted sequences: prefill = decode
-        assert engine.scheduler.num_preemptions > 0
-    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert_batch_invariant(engine, expect_preemption=config.get("num_kv_blocks") == 24)
 
 
 @pytest.mark.parametrize("method,low,high", [("int8", 0.49, 0.53), ("int4", 0.30, 0.34), ("int4-g128", 0.26, 0.29)])
@@ -214,26 +199,7 @@ def test_kernels_are_available_where_the_cpu_has_avx512_bf16():
         assert int8_kernel() is not None and int4_kernel() is not None
 
 
-# ---- serving ---------------------------------------------------------------------------------
-
-def test_server_serves_an_int8_model_chosen_by_environment():
-    """NANOSERVE_QUANTIZATION (what compose sets) quantizes at load; the OpenAI client gets its
-    completion and /server_info says how the weights are stored."""
-    from tests.api_fixtures import TINY_MODEL, assert_idle, run_server
-
-    with run_server("--dtype", "bfloat16", env={"NANOSERVE_QUANTIZATION": "int8"}) as server:
-        assert httpx.get(server.url + "/server_info").json()["quantization"] == "int8"
-        completion = server.openai().completions.create(model=TINY_MODEL, prompt="int8 weights", max_tokens=6,
-                                               temperature=0, extra_body={"ignore_eos": True})
-        assert completion.usage.completion_tokens == 6 and completion.choices[0].finish_reason == "length"
-        assert_idle(server)
-
-
-def test_an_unknown_method_ends_the_cli_with_one_sentence():
-    done = subprocess.run([sys.executable, "-m", "server", "--model", "random:tiny-gpt2", "--quantization", "int3"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert done.returncode == 2 and "'int3' is not one of none, int8, int4, int4-g64, int4-g128, gguf" in done.stderr and "Traceback" not in done.stderr
-
+# ---- a model shared by engines, refusals ----------------------------------------------------
 
 def test_a_second_engine_must_ask_for_the_same_method():
     """Quantizing replaces the model's layers; an engine built on the same model later gets them
