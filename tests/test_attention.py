@@ -66,7 +66,8 @@ def test_cache_free_path_is_causal_per_sequence():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kv_heads", [KVH, H])
 @pytest.mark.parametrize("head_dim,block_size", [(D, BS), (64, 16), (128, 4), (48, 16)])
-def test_fused_decode_kernel_matches_torch_path(dtype, kv_heads, head_dim, block_size):
+@pytest.mark.parametrize("num_seqs", [1, 12])  # split by KV head over the threads / one task per sequence
+def test_fused_decode_kernel_matches_torch_path(dtype, kv_heads, head_dim, block_size, num_seqs):
     """The optional C++ decode kernel against the gather + SDPA reference path.
 
     Head dims that are multiples of 16 take the AVX-512 online-softmax path where the CPU has
@@ -78,7 +79,7 @@ def test_fused_decode_kernel_matches_torch_path(dtype, kv_heads, head_dim, block
         assert not can_build(), "the fused kernel should build here: see tests/test_cpu_kernels.py"
         pytest.skip("no compiler or ninja here: only the PyTorch path runs")
     gen, rng = torch.Generator().manual_seed(0), random.Random(0)
-    lens = [1, block_size, block_size + 1] + [rng.randint(1, 90) for _ in range(9)]
+    lens = ([1, block_size, block_size + 1] + [rng.randint(1, 90) for _ in range(9)])[-num_seqs:]
     free = list(range(512))
     rng.shuffle(free)
     tables = [[free.pop() for _ in range(-(-n // block_size))] for n in lens]

@@ -65,6 +65,7 @@ def test_the_cpp_store_writes_the_bytes_the_torch_path_writes(dtype):
     """Same scale bits, same rounding (half to even), same slots; strided input rows too."""
     from models.fused_attention import decode_kernel
 
+    assert decode_kernel() is not None  # else both writes would take the PyTorch path
     gen = torch.Generator().manual_seed(2)
     qkv = (torch.randn(40, 3, 4, 64, generator=gen) * torch.logspace(-4, 3, 40)[:, None, None, None]).to(dtype)
     rows = qkv[:, 1]  # (40, 4, 64), not contiguous, as a split of a fused projection is
@@ -116,15 +117,18 @@ def test_mixed_batch_over_an_int8_pool_is_dense_attention_over_the_dequantized_c
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kv_heads", [1, 2, 4])
-@pytest.mark.parametrize("head_dim,block_size", [(8, 4), (64, 16), (128, 4), (48, 16)])
-def test_fused_decode_kernel_reads_int8_rows_like_the_torch_path(dtype, kv_heads, head_dim, block_size):
-    """The C++ kernel scales int8 rows in registers (AVX-512 for head dims that are multiples of
-    16, the portable path for 8 and 48); the PyTorch path dequantizes what it gathered."""
+@pytest.mark.parametrize("head_dim,block_size", [(8, 4), (64, 16), (128, 4), (128, 16), (256, 16), (48, 16)])
+@pytest.mark.parametrize("num_seqs", [1, 10])
+def test_fused_decode_kernel_reads_int8_rows_like_the_torch_path(dtype, kv_heads, head_dim, block_size, num_seqs):
+    """The C++ kernel scales int8 rows in registers (AVX-512 for head dims 16-256 in powers of 2,
+    the portable path for 8 and 48); the PyTorch path dequantizes what it gathered. One sequence
+    is split by KV head over the threads, ten are one task each; block size 16 takes the 16-score
+    tree on full chunks."""
     from models.fused_attention import decode_kernel, fused_decode_attention
 
     assert decode_kernel() is not None
     gen, rng = torch.Generator().manual_seed(1), random.Random(1)
-    lens = [1, block_size, block_size + 1] + [rng.randint(1, 90) for _ in range(7)]
+    lens = ([1, block_size, block_size + 1] + [rng.randint(1, 90) for _ in range(7)])[-num_seqs:]
     free = list(range(512))
     rng.shuffle(free)
     tables = [[free.pop() for _ in range(-(-n // block_size))] for n in lens]
@@ -180,9 +184,11 @@ def test_int8_cache_scores_a_prompt_like_the_float_cache(name):
 
 @needs_kernel
 def test_fused_kernel_and_torch_path_give_the_same_greedy_tokens():
-    outputs = [[c[0].token_ids for c in _engine("random:tiny-qwen2", "float32", num_kv_blocks=64, block_size=4,
-                                                 fast_kernels=fast).generate(make_prompts(4, seed=3), greedy())]
-               for fast in (False, True)]
+    outputs = []
+    for fast in (False, True):
+        engine = _engine("random:tiny-qwen2", "float32", num_kv_blocks=64, block_size=4, fast_kernels=fast)
+        assert engine.runner.use_fused_decode == fast
+        outputs.append([c[0].token_ids for c in engine.generate(make_prompts(4, seed=3), greedy())])
     assert outputs[0] == outputs[1]
 
 

@@ -140,8 +140,10 @@ static inline float row_scale(const int8_t* row, int64_t D) {
 constexpr int64_t kPrefetchBlocks = 2;  // blocks in flight ahead of the one being read (1: ~8% slower, 4: no better)
 
 static inline void prefetch_rows(const char* first, int64_t rows, int64_t stride, int64_t bytes) {
-  for (int64_t r = 0; r < rows; ++r)
+  for (int64_t r = 0; r < rows; ++r) {
     for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(first + r * stride + b, _MM_HINT_T0);
+    _mm_prefetch(first + r * stride + bytes - 1, _MM_HINT_T0);  // an unaligned span's last line
+  }
 }
 
 // s[t] = the sum of d[t]'s 16 lanes, for 16 vectors at once: a transpose-and-add tree of 46
@@ -158,8 +160,6 @@ static inline __m512 sum_lanes16(const __m512* d) {
   const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);  // s[4k + p] is token 4p + k
   return _mm512_permutexvar_ps(order, s);
 }
-
-constexpr int64_t kMaxGroup = 16;  // query heads per KV head the AVX-512 path takes (GQA groups)
 
 // Online-softmax state of NQ query heads, in one 64-byte-aligned float buffer:
 // queries (NQ, D) pre-scaled, accumulators (NQ, D), running max (NQ), running sum (NQ).
@@ -288,7 +288,6 @@ template <typename T, typename P>
 static bool decode_all_avx512(const T* q, const P* k_pool, const P* v_pool, const int64_t* tables, const int64_t* lens,
                               int64_t S, int64_t MB, T* out, const Shape& sh) {
   const int64_t G = sh.H / sh.KVH;
-  if (G > kMaxGroup) return false;
   // Work items: (sequence, slice of the KV heads); whole sequences when there are at least two
   // per thread, else one KV head each (a short batch still spreads over every thread).
   const int64_t threads = at::get_num_threads();
@@ -363,6 +362,7 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_pool, torc
 // New keys or values (N, KVH, D) quantized into an int8 pool viewed as (slots, KVH, D + 4), the same
 // arithmetic as models/kv_int8.py's quantize_rows: scale = max(|x|max, 1e-12) * (1/127),
 // q = clamp(round_half_even(x * (1/scale)), -127, 127), the scale's 4 bytes after the values.
+// Inputs are finite (a model's keys and values); -ffast-math makes no promise about NaN or inf.
 template <typename T>
 static void store_int8_rows_impl(const T* rows, const int64_t* slots, int8_t* pool, int64_t N, int64_t KVH, int64_t D) {
   const int64_t W = D + 4;
@@ -388,10 +388,14 @@ static void store_int8_rows_impl(const T* rows, const int64_t* slots, int8_t* po
 void store_int8_rows(torch::Tensor pool, torch::Tensor slot_mapping, torch::Tensor rows) {
   TORCH_CHECK(pool.scalar_type() == torch::kChar && pool.is_contiguous() && pool.dim() == 4, "an int8 (NB, BS, KVH, D + 4) pool");
   TORCH_CHECK(slot_mapping.scalar_type() == torch::kInt64, "int64 slots");
+  TORCH_CHECK(pool.is_cpu() && rows.is_cpu() && slot_mapping.is_cpu(), "CPU tensors only");
   auto src = rows.contiguous();
   auto slots = slot_mapping.contiguous();
   const int64_t N = src.size(0), KVH = src.size(1), D = src.size(2);
   TORCH_CHECK(pool.size(2) == KVH && pool.size(3) == D + 4 && slots.numel() == N, "shape mismatch");
+  const int64_t num_slots = pool.size(0) * pool.size(1);
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  for (int64_t n = 0; n < N; ++n) TORCH_CHECK(slot[n] >= 0 && slot[n] < num_slots, "slot outside the pool");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, src.scalar_type(), "store_int8_rows", [&] {
     store_int8_rows_impl(src.data_ptr<scalar_t>(), slots.data_ptr<int64_t>(), pool.data_ptr<int8_t>(), N, KVH, D);
   });

@@ -149,9 +149,16 @@ def add_kv_cache_dtype_argument(p: argparse.ArgumentParser) -> None:
     """--kv-cache-dtype (serve, bench, eval): the KV pool's dtype, the model's or int8."""
     from models.kv_int8 import KV_CACHE_DTYPES
 
-    p.add_argument("--kv-cache-dtype", default=_env("kv_cache_dtype", "auto"), choices=KV_CACHE_DTYPES,
+    def kv_dtype(text: str) -> str:
+        if text not in KV_CACHE_DTYPES:
+            raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(KV_CACHE_DTYPES)}")
+        return text
+
+    # type, not choices: argparse runs a string default (the environment's) through type too
+    p.add_argument("--kv-cache-dtype", type=kv_dtype, default=_env("kv_cache_dtype", "auto"),
+                   metavar="{" + ",".join(KV_CACHE_DTYPES) + "}",
                    help="auto: the model's dtype; int8: keys and values as int8 with one float32 scale per token "
-                        "and head, ~1.9x the tokens in the same --kv-cache-memory")
+                        "and head, ~1.9x the tokens of a 16-bit cache in the same --kv-cache-memory")
 
 
 def speculative_config_from_args(args: argparse.Namespace):

@@ -19,12 +19,12 @@ import uuid
 from dataclasses import dataclass, field
 
 from models.detokenizer import IncrementalDetokenizer
+from models.kv_int8 import pool_dtype
 from models.loader import LoadedModel
 from models.tp_shard import local_kv_cache_spec
 from server.config import EngineConfig
 from server.engine.choice_output import ChoiceOutput
 from server.engine.grammar import GrammarCompiler
-from models.kv_int8 import pool_dtype
 from server.engine.kv_cache import BlockManager
 from server.engine.outputs import ChoiceDelta, RequestStats, StepStats, TokenLogprobs, merge_delta
 from server.engine.runner import ModelRunner, StepResult

@@ -87,7 +87,7 @@ class ModelRunner:
             shard_model(self.model, tp)
         spec = local_kv_cache_spec(self.model.kv_cache_spec, 1 if tp is None else tp.size)
         self.kv_dtype = kv_dtype or loaded.dtype
-        self.kv_caches = spec.allocate(num_blocks, block_size, self.kv_dtype, self.device)  # (NB, BS, KVH, D) pools
+        self.kv_caches = spec.allocate(num_blocks, block_size, self.kv_dtype, self.device)  # (NB, BS, KVH, W) pools
         self.model.bind_kv_cache(self.kv_caches)
         self.workspace = DecodeWorkspace()
         self.use_fused_decode = False
