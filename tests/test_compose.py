@@ -154,3 +154,18 @@ def test_every_nanoserve_variable_is_a_serve_flag(services):
         for variable in service.get("environment") or {}:
             if variable.startswith("NANOSERVE_"):
                 assert variable.removeprefix("NANOSERVE_") in flags, f"{name}: {variable} is no serve flag"
+
+
+def test_gpu_override_builds_cuda_torch_and_reserves_an_nvidia_gpu(services):
+    """compose.gpu.yaml only overrides: every service it names exists in compose.yaml, and the
+    server gets the CUDA wheels, device cuda and a GPU reservation (count from NANOSERVE_GPUS)."""
+    override = yaml.safe_load((REPO / "compose.gpu.yaml").read_text())["services"]
+    assert set(override) <= set(services)
+    server = override["server"]
+    assert server["build"]["args"]["TORCH_INDEX"] == "${TORCH_INDEX:-cu128}"
+    assert server["environment"]["NANOSERVE_DEVICE"] == "cuda"
+    (device,) = server["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
+    assert device["count"] == "${NANOSERVE_GPUS:-1}"
+    dockerfile = DOCKERFILE.read_text()
+    assert "ARG TORCH_INDEX" in dockerfile and "whl/${TORCH_INDEX}" in dockerfile
