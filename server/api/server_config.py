@@ -126,20 +126,25 @@ def add_tensor_parallel_argument(p: argparse.ArgumentParser) -> None:
                         "attention heads, the MLP width and the experts")
 
 
+def _one_of(choices: tuple[str, ...]):
+    """An argparse `type` that accepts only `choices`. A type, not `choices=`: argparse runs a
+    string default (the environment's) through type too, so a bad environment value is refused
+    in one sentence as well."""
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(choices)}")
+        return text
+
+    return parse
+
+
 def add_quantization_argument(p: argparse.ArgumentParser) -> None:
     """--quantization (serve and bench): weight-only int8 linears, made at load from any checkpoint."""
     from models.quantization import QUANTIZATION_METHODS
 
-    def method(text: str) -> str | None:
-        if text in ("", "none"):
-            return None
-        if text not in QUANTIZATION_METHODS:
-            raise argparse.ArgumentTypeError(f"{text!r} is not one of none, {', '.join(QUANTIZATION_METHODS)}")
-        return text
-
-    # type, not choices: argparse runs a string default (the environment's) through type too
-    p.add_argument("--quantization", "-q", type=method, default=_env("quantization", "none"),
-                   metavar="{none," + ",".join(QUANTIZATION_METHODS) + "}",
+    names = ("none", *QUANTIZATION_METHODS)
+    p.add_argument("--quantization", "-q", type=lambda text: None if text in ("", "none") else _one_of(names)(text),
+                   default=_env("quantization", "none"), metavar="{" + ",".join(names) + "}",
                    help="weights of every linear layer and the LM head: int8 (one scale per output channel), "
                         "int4[-g64|-g128] (4-bit, a scale and minimum per group of 32/64/128), gguf (a GGUF file's "
                         "Q4_0/Q4_1 tensors as stored); activations keep --dtype")
@@ -149,13 +154,7 @@ def add_kv_cache_dtype_argument(p: argparse.ArgumentParser) -> None:
     """--kv-cache-dtype (serve, bench, eval): the KV pool's dtype, the model's or int8."""
     from models.kv_int8 import KV_CACHE_DTYPES
 
-    def kv_dtype(text: str) -> str:
-        if text not in KV_CACHE_DTYPES:
-            raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(KV_CACHE_DTYPES)}")
-        return text
-
-    # type, not choices: argparse runs a string default (the environment's) through type too
-    p.add_argument("--kv-cache-dtype", type=kv_dtype, default=_env("kv_cache_dtype", "auto"),
+    p.add_argument("--kv-cache-dtype", type=_one_of(KV_CACHE_DTYPES), default=_env("kv_cache_dtype", "auto"),
                    metavar="{" + ",".join(KV_CACHE_DTYPES) + "}",
                    help="auto: the model's dtype; int8: keys and values as int8 with one float32 scale per token "
                         "and head, ~1.9x the tokens of a 16-bit cache in the same --kv-cache-memory")
