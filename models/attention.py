@@ -27,13 +27,14 @@ NB blocks, BS block size, L padded key length, T tokens of one chunk.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import accumulate, chain
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.fused_attention import decode_kernel, fused_decode_attention
 from models.kv_int8 import read_rows, store_rows
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # k, v pools: (NB, BS, KVH, D) each; (NB, BS, KVH, D + 4) int8 rows
@@ -47,14 +48,16 @@ class AttentionMetadata:
     seq_lens: list[int]                      # (S,) tokens in context after this step (cached + new)
     num_decode_seqs: int                     # the first sequences, attended as one row per query token
     num_decode_tokens: int                   # R: their tokens, the first R of the batch (= rows)
+    positions: torch.Tensor | None = None     # (N,) each token's position in its sequence
     slot_mapping: torch.Tensor | None = None  # (N,) pool slot of each new token; None: no pool
     block_tables: torch.Tensor | None = None  # (S, max_blocks) int64, padded with 0
+    query_start: torch.Tensor | None = None   # (S+1,) query_start_loc on the device
+    seq_lens_t: torch.Tensor | None = None    # (S,) seq_lens on the device
     decode_block_tables: torch.Tensor | None = None  # (R, max_blocks) each decode row's block table
+    decode_seq_lens: torch.Tensor | None = None   # (R,) int64 keys each decode row sees
     decode_key_mask: torch.Tensor | None = None  # (R, 1, 1, L) True where a decode row may attend
     decode_block_ids: torch.Tensor | None = None  # (R * L/BS,) the decode rows' padded block tables, flat
     workspace: "DecodeWorkspace | None" = None    # reusable gather buffers (None: allocate per call)
-    decode_seq_lens: torch.Tensor | None = None   # (R,) int64 keys each row sees, for the fused kernel
-    use_fused_decode: bool = False                # models/fused_attention.py instead of gather + SDPA
 
     @property
     def num_seqs(self) -> int:
@@ -68,8 +71,11 @@ def build_attention_metadata(
     block_size: int,
     device: torch.device | str = "cpu",
     num_decode_seqs: int | None = None,
-) -> AttentionMetadata:
-    """Flatten per-sequence bookkeeping into the tensors attention needs, once per step.
+    input_ids: list[int] | None = None,
+) -> AttentionMetadata | tuple[AttentionMetadata, torch.Tensor]:
+    """Flatten per-sequence bookkeeping into the tensors attention needs, once per step: one
+    host->device copy of the compact per-sequence lists, then a handful of tensor ops on the
+    device (no per-token Python, no device->host sync).
 
     Args:
         query_lens: new tokens per sequence; decodes (and verification chunks) come first.
@@ -78,42 +84,52 @@ def build_attention_metadata(
         block_size: tokens per block.
         num_decode_seqs: how many leading sequences to attend as decode rows, one row per
             query token (speculative verification chunks); None: the leading one-token ones.
+        input_ids: the step's tokens (N,), to ride along in the same copy; then returns
+            (meta, input_ids tensor).
     """
     if num_decode_seqs is None:
         num_decode_seqs = 0
         while num_decode_seqs < len(query_lens) and query_lens[num_decode_seqs] == 1:
             num_decode_seqs += 1
         assert all(q > 1 for q in query_lens[num_decode_seqs:]) or not block_tables, "decodes must come first"
-    starts = [0]
-    for q in query_lens:
-        starts.append(starts[-1] + q)
+    starts = list(accumulate(query_lens, initial=0))
     meta = AttentionMetadata(starts, list(seq_lens), num_decode_seqs, starts[num_decode_seqs])
+    num_seqs, num_tokens = len(query_lens), starts[-1]
+    tables = block_tables or []
+    table_lens = [len(t) for t in tables]
+    packed = [*query_lens, *seq_lens, *table_lens, *chain.from_iterable(tables), *(input_ids or [])]
+    host = torch.tensor(packed, dtype=torch.int64, pin_memory=torch.device(device).type == "cuda")
+    on_device = host.to(device, non_blocking=True)
+    num_entries = len(packed) - 2 * num_seqs - len(table_lens) - len(input_ids or [])
+    q_lens, s_lens, t_lens, flat, ids = on_device.split(
+        [num_seqs, num_seqs, len(table_lens), num_entries, len(input_ids or [])])
+    seq_of = torch.repeat_interleave(torch.arange(num_seqs, device=device), q_lens, output_size=num_tokens)  # (N,)
+    first_pos = s_lens - q_lens  # (S,) cached tokens before this step's
+    meta.query_start = F.pad(q_lens.cumsum(0), (1, 0))  # (S+1,)
+    meta.seq_lens_t = s_lens
+    meta.positions = torch.arange(num_tokens, device=device) - (meta.query_start[:-1] - first_pos)[seq_of]  # (N,)
     if block_tables is None:
         meta.num_decode_seqs = meta.num_decode_tokens = 0  # no cache: every sequence attends to its own chunk
-        return meta
-    slots: list[int] = []
-    for table, q_len, s_len in zip(block_tables, query_lens, seq_lens):
-        for pos in range(s_len - q_len, s_len):
-            slots.append(table[pos // block_size] * block_size + pos % block_size)
-    max_blocks = max(len(t) for t in block_tables)
-    padded = [t + [0] * (max_blocks - len(t)) for t in block_tables]
-    meta.slot_mapping = torch.tensor(slots, dtype=torch.int64, device=device)  # (N,)
-    meta.block_tables = torch.tensor(padded, dtype=torch.int64, device=device)  # (S, max_blocks)
+        return (meta, ids) if input_ids is not None else meta
+    max_blocks = max(table_lens)
+    table_of = torch.repeat_interleave(torch.arange(num_seqs, device=device), t_lens, output_size=num_entries)
+    column = torch.arange(num_entries, device=device) - (t_lens.cumsum(0) - t_lens)[table_of]  # (E,)
+    meta.block_tables = torch.zeros(num_seqs, max_blocks, dtype=torch.int64, device=device)
+    meta.block_tables[table_of, column] = flat  # (S, max_blocks) padded with 0
+    pos = meta.positions
+    meta.slot_mapping = meta.block_tables[seq_of, pos // block_size] * block_size + pos % block_size  # (N,)
     if num_decode_seqs:
-        dec_blocks = max(len(t) for t in block_tables[:num_decode_seqs])
-        if meta.num_decode_tokens == num_decode_seqs:  # plain decodes: one row per sequence
-            row_lens = seq_lens[:num_decode_seqs]
-            meta.decode_block_tables = meta.block_tables[:num_decode_seqs]  # (R, max_blocks)
+        rows = meta.num_decode_tokens
+        dec_blocks = max(table_lens[:num_decode_seqs])
+        if rows == num_decode_seqs:  # plain decodes: one row per sequence
+            meta.decode_block_tables = meta.block_tables[:rows]  # (R, max_blocks)
         else:  # verification chunks: row i of a chunk sees the keys up to its own position
-            row_seqs = [s for s in range(num_decode_seqs) for _ in range(query_lens[s])]
-            row_lens = [seq_lens[s] - query_lens[s] + i + 1 for s in range(num_decode_seqs) for i in range(query_lens[s])]
-            meta.decode_block_tables = meta.block_tables[torch.tensor(row_seqs, device=device)]  # (R, max_blocks)
+            meta.decode_block_tables = meta.block_tables[seq_of[:rows]]  # (R, max_blocks)
+        meta.decode_seq_lens = pos[:rows] + 1  # (R,)
         key_pos = torch.arange(dec_blocks * block_size, device=device)  # (L,)
-        dec_lens = torch.tensor(row_lens, device=device)  # (R,)
-        meta.decode_seq_lens = dec_lens
-        meta.decode_key_mask = (key_pos[None, :] < dec_lens[:, None])[:, None, None, :]  # (R,1,1,L)
+        meta.decode_key_mask = (key_pos[None, :] < meta.decode_seq_lens[:, None])[:, None, None, :]  # (R,1,1,L)
         meta.decode_block_ids = meta.decode_block_tables[:, :dec_blocks].flatten()  # (R*L/BS,)
-    return meta
+    return (meta, ids) if input_ids is not None else meta
 
 
 class DecodeWorkspace:
@@ -139,16 +155,20 @@ def paged_attention(
     kv_cache: KVCache | None,
     meta: AttentionMetadata,
     scale: float,
+    decode: Callable | None = None,
+    store_kernel=None,
 ) -> torch.Tensor:
-    """Causal attention for a packed batch. q (N, H, D), k and v (N, KVH, D) -> (N, H, D)."""
+    """Causal attention for a packed batch. q (N, H, D), k and v (N, KVH, D) -> (N, H, D).
+
+    decode(q (R, H, D), kv_cache, meta, scale) -> (R, H, D) attends the decode rows (default:
+    gather + SDPA); store_kernel: the C++ module that quantizes int8 rows as it stores them.
+    models/kernels.py binds the variant this device runs."""
     if kv_cache is not None:
-        write_kv(k, v, kv_cache, meta.slot_mapping, decode_kernel() if meta.use_fused_decode else None)
+        write_kv(k, v, kv_cache, meta.slot_mapping, store_kernel)
     out = torch.empty_like(q)  # (N, H, D)
     rows = meta.num_decode_tokens
-    if rows and meta.use_fused_decode:
-        out[:rows] = fused_decode_attention(q[:rows], kv_cache, meta.decode_block_tables, meta.decode_seq_lens, scale)
-    elif rows:
-        out[:rows] = _decode_attention(q[:rows], kv_cache, meta, scale)
+    if rows:
+        out[:rows] = (decode or _decode_attention)(q[:rows], kv_cache, meta, scale)
     starts, seq_lens = meta.query_start_loc, meta.seq_lens
     for s in range(meta.num_decode_seqs, meta.num_seqs):
         lo, hi = starts[s], starts[s + 1]
@@ -162,7 +182,10 @@ def paged_attention(
 
 class PagedAttention(nn.Module):
     """`paged_attention` as a module, so forward hooks (`nanoserve trace`) see q, k, v after the
-    head split and the attention output; it holds no weights. Its owner binds `kv_cache`."""
+    head split and the attention output; it holds no weights. Its owner binds `kv_cache`, the
+    load binds `attend` (models/kernels.py: this device's variant of paged_attention)."""
+
+    attend: Callable = staticmethod(paged_attention)
 
     def __init__(self, scale: float):
         super().__init__()
@@ -170,7 +193,7 @@ class PagedAttention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache | None,
                 meta: AttentionMetadata) -> torch.Tensor:
-        return paged_attention(q, k, v, kv_cache, meta, self.scale)  # (N, H, D)
+        return self.attend(q, k, v, kv_cache, meta, self.scale)  # (N, H, D)
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache, slot_mapping: torch.Tensor, kernel=None) -> None:

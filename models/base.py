@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from models.attention import AttentionMetadata, KVCache, build_attention_metadata
 from models.kv_int8 import row_width
-from models.layers import PreNormBlock, RMSNorm, RotaryEmbedding
+from models.layers import Embedding, Linear, PreNormBlock, RMSNorm, RotaryEmbedding
 from models.parallel import VocabParallel
 
 
@@ -121,12 +121,12 @@ class RotaryDecoderLM(CausalLM):
         layers = [PreNormBlock(config.hidden_size, config.rms_norm_eps, attention(i), mlp(i))
                   for i in range(config.num_hidden_layers)]
         self.model = nn.ModuleDict(dict(
-            embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size),
+            embed_tokens=Embedding(config.vocab_size, config.hidden_size),
             layers=nn.ModuleList(layers),
             norm=RMSNorm(config.hidden_size, config.rms_norm_eps),
         ))
         self.rotary = RotaryEmbedding(rope_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.vocab_parallel = VocabParallel()  # tensor parallel: each rank holds a slice of V

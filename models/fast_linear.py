@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.cpu_kernels import load_kernel
+from models.layers import Embedding, Linear, kernel_layers
 
 log = logging.getLogger(__name__)
 
@@ -164,13 +165,13 @@ def can_pack(model: nn.Module) -> bool:
 
 
 def pack_linear_layers(model: nn.Module, use_small_batch: bool = True) -> int:
-    """Replace nn.Linear layers by PackedLinear (the LM head only where a small-batch kernel
-    takes it); returns how many. Logs which path the linears take on this CPU."""
+    """Hand every unquantized Linear's matmul to a PackedLinear (the LM head only where a
+    small-batch kernel takes it); returns how many. Logs which path the linears take on this CPU."""
     if not can_pack(model):
         return 0
-    targets = [name for name, module in model.named_modules() if isinstance(module, nn.Linear) and name != "lm_head"]
-    for name in targets:  # names, not modules: each original weight is freed as soon as it is packed
-        replace_module(model, name, PackedLinear(model.get_submodule(name), use_small_batch))
+    targets = [(name, m) for name, m in kernel_layers(model) if name != "lm_head"]
+    for _, linear in targets:  # each dense weight is freed as soon as it is packed
+        linear.use_kernel(PackedLinear(linear, use_small_batch))
     packed_head = _pack_lm_head(model, use_small_batch)
     if not targets and not packed_head:
         return 0  # e.g. every linear is quantized already
@@ -183,20 +184,13 @@ def pack_linear_layers(model: nn.Module, use_small_batch: bool = True) -> int:
 
 def _pack_lm_head(model: nn.Module, use_small_batch: bool) -> bool:
     head = getattr(model, "lm_head", None)
-    if not isinstance(head, nn.Linear):
+    if not isinstance(head, Linear) or head.kernel is not None:
         return False
     packed = PackedLinear(head, use_small_batch)
     if packed.kernel is None:
         return False
-    tied = [name for name, module in model.named_modules()
-            if isinstance(module, nn.Embedding) and module.weight is head.weight]
-    model.lm_head = packed
-    for name in tied:
-        replace_module(model, name, PackedEmbedding(packed))
+    tied = [m for _, m in kernel_layers(model, Embedding) if m.weight is head.weight]
+    head.use_kernel(packed)
+    for embedding in tied:
+        embedding.use_kernel(PackedEmbedding(packed))
     return True
-
-
-def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Put `module` where the submodule called `name` was."""
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)

@@ -32,3 +32,8 @@ def fused_decode_attention(q: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.
     """q (S, H, D) against each sequence's cached keys/values -> (S, H, D)."""
     k_pool, v_pool = kv_cache
     return decode_kernel().paged_decode_attention(q.contiguous(), k_pool, v_pool, block_tables, seq_lens, scale)
+
+
+def fused_decode_rows(q: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor], meta, scale: float) -> torch.Tensor:
+    """paged_attention's `decode` on this kernel: q (R, H, D) -> (R, H, D)."""
+    return fused_decode_attention(q, kv_cache, meta.decode_block_tables, meta.decode_seq_lens, scale)

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from models.builtin import DEFAULT_MODEL, builtin_model_path
-from models.fast_linear import replace_module
+from models.layers import Linear
 from models.gguf_checkpoint import SUPPORTED_ARCHS, GGUFMetadata, gguf_state_dict
 from models.quantized_linear import Int4Linear
 
@@ -53,7 +53,7 @@ def read_q4(tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def keep_gguf_weights(model: nn.Module, spec: str, use_kernel: bool = True) -> int:
-    """Replace every linear whose GGUF tensor is Q4_0 / Q4_1 by an Int4Linear holding the file's
+    """Hand every linear whose GGUF tensor is Q4_0 / Q4_1 to an Int4Linear holding the file's
     values; returns how many."""
     import gguf
     from gguf import GGMLQuantizationType as T
@@ -71,12 +71,12 @@ def keep_gguf_weights(model: nn.Module, spec: str, use_kernel: bool = True) -> i
     for weight_name, v in mapped[0].items():
         module_name = weight_name.removesuffix(".weight")
         linear = _submodule(model, module_name)
-        if not isinstance(linear, nn.Linear) or tuple(v.shape) != (linear.out_features, linear.in_features):
+        if (not isinstance(linear, Linear) or linear.kernel is not None
+                or tuple(v.shape) != (linear.out_features, linear.in_features)):
             continue  # a layer dropped by --override layers=N, or an embedding table
-        replace_module(model, module_name, Int4Linear(linear, GROUP, use_kernel,
-                                                      parts=(v, mapped[1][weight_name], mapped[2][weight_name])))
+        linear.use_kernel(Int4Linear(linear, GROUP, use_kernel, parts=(v, mapped[1][weight_name], mapped[2][weight_name])))
         kept += 1
-    others = sum(1 for m in model.modules() if isinstance(m, nn.Linear))
+    others = sum(1 for m in model.modules() if isinstance(m, Linear) and m.kernel is None)
     log.info("kept %d linear layers as the GGUF stores them (Q4_0/Q4_1, 4-bit groups of 32); %d in the model "
              "dtype (tensors of other types, or tied to one)", kept, others)
     return kept

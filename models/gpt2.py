@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from models.attention import AttentionMetadata, PagedAttention
 from models.base import CausalLM, KVCacheSpec
-from models.fast_linear import linear_gelu_tanh
+from models.layers import Embedding, Linear
 from models.parallel import AllReduce, VocabParallel
 
 
@@ -53,8 +53,8 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPT2Config):
         super().__init__()
         self.n_head, self.head_dim = config.n_head, config.head_dim
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.paged_attn = PagedAttention(self.head_dim**-0.5)
         self.kv_cache = None
 
@@ -70,13 +70,13 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPT2Config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.approximate = "tanh" if config.activation == "gelu_new" else "none"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.approximate == "tanh":
-            return self.c_proj(linear_gelu_tanh(self.c_fc, x))  # fused into the matmul when packed
+            return self.c_proj(self.c_fc.forward_gelu_tanh(x))  # fused into the matmul by a packed kernel
         return self.c_proj(F.gelu(self.c_fc(x)))
 
 
@@ -101,12 +101,12 @@ class GPT2(CausalLM):
         self.config = config
         self.max_positions = config.n_positions
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wte=Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.n_positions, config.n_embd),
             h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
             ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias),
         ))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied
         self.vocab_parallel = VocabParallel()  # tensor parallel: each rank holds a slice of V
 

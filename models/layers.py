@@ -1,11 +1,12 @@
-"""Layers shared by the model families: RMSNorm, rotary position embedding, gated MLP, the
-pre-norm decoder block.
+"""Layers shared by the model families: linear and embedding layers whose kernel the load picks,
+RMSNorm, rotary position embedding, gated MLP, the pre-norm decoder block.
 
 Legend: N tokens in the packed batch, C channels, H heads, D head dim.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -15,19 +16,52 @@ from models.cpu_kernels import load_kernel
 from models.parallel import AllReduce
 
 
-class RMSNorm(nn.Module):
-    """Root-mean-square norm, computed in float32 and cast back (as HF Llama/Qwen do)."""
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, same checkpoint names) whose matmul the load may hand to a
+    kernel module that keeps the weight in its own format: oneDNN-packed bf16, int8 or int4
+    (models/kernels.py picks, once). The layer stays where the model put it; only `kernel` is set
+    and the dense weight released, so the model a learner reads is the model that runs."""
 
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        super().__init__(in_features, out_features, bias)
+        self.kernel: nn.Module | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernel = rms_norm_kernel() if x.device.type == "cpu" and x.dtype == self.weight.dtype else None
-        if kernel is not None:
-            return kernel.rms_norm(x, self.weight, self.eps)  # one op instead of eight, same math
-        return rms_norm_reference(x, self.weight, self.eps)
+        if self.kernel is None:
+            return F.linear(x, self.weight, self.bias)
+        return self.kernel(x)
+
+    def forward_gelu_tanh(self, x: torch.Tensor) -> torch.Tensor:
+        """gelu(linear(x), approximate="tanh"), fused into the matmul where the kernel can."""
+        fused = getattr(self.kernel, "forward_gelu_tanh", None)
+        return fused(x) if fused is not None else F.gelu(self(x), approximate="tanh")
+
+    def use_kernel(self, kernel: nn.Module) -> None:
+        """Run through `kernel` from now on; it copied the weight (and holds the bias) already."""
+        self.kernel = kernel
+        self.weight = None  # freed once nothing else (a tied embedding) holds it
+        self.bias = None
+
+
+class Embedding(nn.Embedding):
+    """nn.Embedding whose rows may be read out of a tied LM head's kernel instead (one copy of
+    the table, in the head's packed or quantized format)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int):
+        super().__init__(num_embeddings, embedding_dim)
+        self.kernel: nn.Module | None = None
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids) if self.kernel is None else self.kernel(ids)
+
+    def use_kernel(self, kernel: nn.Module) -> None:
+        self.kernel = kernel
+        self.weight = None
+
+
+def kernel_layers(model: nn.Module, kind: type = Linear) -> list[tuple[str, nn.Module]]:
+    """(name, layer) of every `kind` layer that still runs its own dense weight."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, kind) and m.kernel is None]
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -36,6 +70,21 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
     x = x.float()
     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x.to(dtype)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in float32 and cast back (as HF Llama/Qwen do). Which
+    implementation runs is the load's choice (models/kernels.py binds `norm`)."""
+
+    norm: Callable = staticmethod(rms_norm_reference)  # (x, weight, eps) -> x's shape and dtype
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x, self.weight, self.eps)
 
 
 def rms_norm_kernel():
@@ -48,8 +97,8 @@ class GatedMLP(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int, bias: bool = False):
         super().__init__()
-        self.gate_up_proj = nn.Linear(dim, 2 * hidden_dim, bias=bias)  # [gate; up]
-        self.down_proj = nn.Linear(hidden_dim, dim, bias=bias)
+        self.gate_up_proj = Linear(dim, 2 * hidden_dim, bias=bias)  # [gate; up]
+        self.down_proj = Linear(hidden_dim, dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (N, 2F) -> 2 x (N, F)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from models.attention import AttentionMetadata
 from models.kv_int8 import read_rows, store_rows
-from models.layers import RMSNorm, apply_rotary
+from models.layers import Linear, RMSNorm, apply_rotary
 
 MLA_MODES = ("absorbed", "naive")
 MLA_PATHS = {  # what each mode does on a decode step, for the load log
@@ -49,15 +49,15 @@ class MLAttention(nn.Module):
         self.nope_dim, self.rope_dim, self.v_dim = qk_nope_head_dim, qk_rope_head_dim, v_head_dim
         q_out = num_heads * (qk_nope_head_dim + qk_rope_head_dim)
         if q_lora_rank:
-            self.q_a_proj = nn.Linear(hidden_size, q_lora_rank, bias=bias)
+            self.q_a_proj = Linear(hidden_size, q_lora_rank, bias=bias)
             self.q_a_layernorm = RMSNorm(q_lora_rank, eps)
-            self.q_b_proj = nn.Linear(q_lora_rank, q_out, bias=False)
+            self.q_b_proj = Linear(q_lora_rank, q_out, bias=False)
         else:
-            self.q_proj = nn.Linear(hidden_size, q_out, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(hidden_size, kv_lora_rank + qk_rope_head_dim, bias=bias)
+            self.q_proj = Linear(hidden_size, q_out, bias=False)
+        self.kv_a_proj_with_mqa = Linear(hidden_size, kv_lora_rank + qk_rope_head_dim, bias=bias)
         self.kv_a_layernorm = RMSNorm(kv_lora_rank, eps)
-        self.kv_b_proj = nn.Linear(kv_lora_rank, num_heads * (qk_nope_head_dim + v_head_dim), bias=False)
-        self.o_proj = nn.Linear(num_heads * v_head_dim, hidden_size, bias=bias)
+        self.kv_b_proj = Linear(kv_lora_rank, num_heads * (qk_nope_head_dim + v_head_dim), bias=False)
+        self.o_proj = Linear(num_heads * v_head_dim, hidden_size, bias=bias)
         self.scale = scale
         self.mode = "absorbed"
         self.kv_cache = None
@@ -68,10 +68,11 @@ class MLAttention(nn.Module):
         """Split kv_b_proj's weight into W_UK and W_UV^T; call before its weight is packed away.
         A quantized kv_b_proj is split from its dequantized weight, so that decode (absorbed)
         and prefill (kv_b_proj itself) compute with the same values."""
-        if isinstance(self.kv_b_proj, nn.Linear):
+        kernel = self.kv_b_proj.kernel
+        if kernel is None:
             weight = self.kv_b_proj.weight.detach()
-        elif hasattr(self.kv_b_proj, "dequantize"):  # models/quantized_linear.py
-            weight = self.kv_b_proj.dequantize().to(self.kv_a_layernorm.weight.dtype)
+        elif hasattr(kernel, "dequantize"):  # models/quantized_linear.py
+            weight = kernel.dequantize().to(self.kv_a_layernorm.weight.dtype)
         else:  # packed: the split was made before packing
             assert self.w_uk is not None, "prepare_absorbed must run before kv_b_proj is packed"
             return

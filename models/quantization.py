@@ -5,7 +5,7 @@
                             along K: 5 (4.5, 4.25) bits a weight
     gguf                    a GGUF file's Q4_0 / Q4_1 tensors as stored (models/gguf_quantized.py)
 
-Activations stay bf16 (or fp32). Every nn.Linear is replaced (models/quantized_linear.py), the LM
+Activations stay bf16 (or fp32). Every Linear hands its matmul to a quantized kernel module (models/quantized_linear.py), the LM
 head included; a token embedding tied to the head reads its rows out of the quantized head
 (`QuantizedEmbedding`), so the table is stored once. MoE routed experts (stacked tensors, not
 nn.Linear) and the router keep the model dtype.
@@ -17,7 +17,7 @@ import logging
 import torch
 import torch.nn as nn
 
-from models.fast_linear import replace_module
+from models.layers import Embedding, Linear, kernel_layers
 from models.quantized_linear import Int4Linear, Int8Linear, QuantizedLinear
 
 log = logging.getLogger(__name__)
@@ -82,24 +82,22 @@ class QuantizedEmbedding(nn.Module):
 
 
 def quantize_linear_layers(model: nn.Module, method: str, use_kernel: bool = True) -> int:
-    """Replace every nn.Linear (the LM head too) by its quantized form; returns how many."""
+    """Hand every Linear's matmul (the LM head's too) to its quantized form; returns how many."""
     if method not in QUANTIZATION_METHODS or method == "gguf":
         raise ValueError(f"unknown quantization {method!r}; choose one of {', '.join(QUANTIZATION_METHODS[:-1])} "
                          f"(gguf: quantize_model)")
     head = getattr(model, "lm_head", None)
-    tied = [name for name, module in model.named_modules()
-            if isinstance(head, nn.Linear) and isinstance(module, nn.Embedding) and module.weight is head.weight]
-    targets = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-    for name in targets:  # every layer checked before any is replaced: all or none
-        check_quantizable(model.get_submodule(name), method, name)
+    tied = [m for _, m in kernel_layers(model, Embedding) if isinstance(head, Linear) and m.weight is head.weight]
+    targets = kernel_layers(model)
+    for name, linear in targets:  # every layer checked before any is quantized: all or none
+        check_quantizable(linear, method, name)
     before = _weight_bytes(model)
-    for name in targets:  # names, not modules: each float weight is freed once nothing holds it
-        quantized = make_quantized(model.get_submodule(name), method, use_kernel)
-        replace_module(model, name, quantized)
+    for name, linear in targets:  # each float weight is freed once nothing holds it
+        quantized = make_quantized(linear, method, use_kernel)
+        linear.use_kernel(quantized)
         if name == "lm_head":
             for embedding in tied:
-                dtype = model.get_submodule(embedding).weight.dtype
-                replace_module(model, embedding, QuantizedEmbedding(quantized, dtype))
+                embedding.use_kernel(QuantizedEmbedding(quantized, embedding.weight.dtype))
     with_kernel = sum(1 for m in model.modules() if isinstance(m, QuantizedLinear) and m.kernel is not None)
     log.info("quantized %d linear layers to %s (%.0f -> %.0f MB of weights); %d on the AVX512-BF16 kernel, "
              "%d on the PyTorch reference path", len(targets), method, before / 1e6, _weight_bytes(model) / 1e6,

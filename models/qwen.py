@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from models.attention import AttentionMetadata, PagedAttention
 from models.base import KVCacheSpec, RotaryDecoderLM
-from models.layers import GatedMLP, RMSNorm, apply_rotary
+from models.layers import GatedMLP, Linear, RMSNorm, apply_rotary
 from models.moe import MoEConfig, SparseMoE
 
 
@@ -128,8 +128,8 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.sizes = [q_size, kv_size, kv_size]
-        self.qkv_proj = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.o_bias)
+        self.qkv_proj = Linear(config.hidden_size, q_size + 2 * kv_size, bias=config.qkv_bias)
+        self.o_proj = Linear(q_size, config.hidden_size, bias=config.o_bias)
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)

@@ -81,10 +81,9 @@ def read_bandwidth_gbps(device: torch.device, nbytes: int = 512 * 2**20, repeats
 def matmul_params_per_token(model: torch.nn.Module) -> int:
     """Weights every decoded token multiplies by: all Linear layers incl. the LM head, plus the
     top-k routed experts of each MoE layer (not all E of them)."""
-    from models.fast_linear import PackedLinear
     from models.moe import moe_layers
 
-    linears = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, PackedLinear))]
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]  # packed or quantized alike
     experts = sum(layer.gate.config.top_k * (layer.experts.gate_up_proj[0].numel() + layer.experts.down_proj[0].numel())
                   for layer in moe_layers(model))
     return sum(m.in_features * m.out_features for m in linears) + experts
@@ -94,17 +93,17 @@ def matmul_bytes_per_token(model: torch.nn.Module, tensor_parallel_size: int = 1
     """Bytes of those weights as the engine stores them (call after it built: packed, quantized,
     sharded), all ranks together: float linears at their dtype, quantized ones at their values
     and scales, the top-k routed experts of each MoE layer."""
-    from models.fast_linear import PackedLinear
     from models.moe import moe_layers
     from models.quantized_linear import QuantizedLinear
 
     linears = 0  # one rank's share
     for m in model.modules():
-        if isinstance(m, (torch.nn.Linear, PackedLinear)):
-            weight = m.weight if isinstance(m, torch.nn.Linear) else m.packed_weight
+        kernel = getattr(m, "kernel", None)
+        if isinstance(kernel, QuantizedLinear):
+            linears += sum(p.numel() * p.element_size() for name, p in kernel.named_parameters() if name != "bias")
+        elif isinstance(m, torch.nn.Linear):
+            weight = m.weight if kernel is None else kernel.packed_weight  # PackedLinear
             linears += m.in_features * m.out_features * weight.dtype.itemsize
-        elif isinstance(m, QuantizedLinear):
-            linears += sum(p.numel() * p.element_size() for name, p in m.named_parameters() if name != "bias")
     experts = 0  # the top-k experts a token visits, wherever they live
     for layer in moe_layers(model):
         e = layer.experts

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from models.base import KVCacheSpec
+from models.kernels import BACKENDS
 from models.kv_int8 import KV_CACHE_DTYPES
 from models.quantization import QUANTIZATION_METHODS
 
@@ -29,6 +30,7 @@ class EngineConfig:
     tensor_parallel_size: int = 1            # processes that each hold a slice of every weight
     quantization: str | None = None          # weight-only int8 / int4 / gguf linears (models/quantization.py)
     kv_cache_dtype: str = "auto"             # auto: the model's dtype; int8: rows with a scale each (models/kv_int8.py)
+    kernel_backend: str | None = None        # None: this device's (models/kernels.py); reference | cpu | triton
 
     def __post_init__(self) -> None:
         assert self.max_num_seqs >= 1 and self.max_num_batched_tokens >= 1, "budgets must be positive"
@@ -38,6 +40,7 @@ class EngineConfig:
         assert self.tensor_parallel_size >= 1, "tensor_parallel_size must be at least 1"
         assert self.quantization in (None, *QUANTIZATION_METHODS), f"unknown quantization {self.quantization!r}"
         assert self.kv_cache_dtype in KV_CACHE_DTYPES, f"unknown KV cache dtype {self.kv_cache_dtype!r}"
+        assert self.kernel_backend in (None, *BACKENDS), f"unknown kernel backend {self.kernel_backend!r}"
 
     def resolve_num_blocks(self, spec: KVCacheSpec, dtype, max_model_len: int, extra_bytes_per_block: int = 0) -> int:
         """Blocks in the pool: explicit, or what the memory budget buys, capped by what

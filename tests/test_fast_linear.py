@@ -98,9 +98,13 @@ def test_only_bf16_cpu_models_are_packed():
     bf16 = load_model("random:tiny-gpt2", dtype="bfloat16", device="cpu").model
     if can_pack(bf16):
         with_head = PackedLinear(bf16.lm_head).kernel is not None  # packed only for a small-batch kernel
+        head, wte = bf16.lm_head, bf16.transformer.wte
         assert pack_linear_layers(bf16) == 2 * 4 + with_head  # c_attn, c_proj, c_fc, c_proj per layer
-        assert isinstance(bf16.lm_head, PackedLinear if with_head else torch.nn.Linear)
-        assert isinstance(bf16.transformer.wte, PackedEmbedding if with_head else torch.nn.Embedding)
+        assert bf16.lm_head is head and bf16.transformer.wte is wte, "layers stay; only their kernel is set"
+        assert isinstance(head.kernel, PackedLinear) if with_head else head.kernel is None
+        assert isinstance(wte.kernel, PackedEmbedding) if with_head else wte.kernel is None
+        assert isinstance(bf16.transformer.h[0].attn.c_attn.kernel, PackedLinear)
+        assert bf16.transformer.h[0].attn.c_attn.weight is None, "the dense weight is released once packed"
 
 
 @needs_onednn
@@ -113,7 +117,8 @@ def test_packed_model_keeps_its_outputs_and_stores_the_tied_table_once(model_nam
     model = loaded.model
     embedding = token_embedding(model)
     assert embedding.weight is model.lm_head.weight, "these presets tie the head to the embedding"
-    table = embedding.weight.detach().clone()
+    table_param = embedding.weight
+    table = table_param.detach().clone()
     ids = torch.tensor([0, 1, 31, 32, table.shape[0] - 1, 5, 5])
     positions = torch.arange(len(ids))
     from models.attention import build_attention_metadata
@@ -122,10 +127,10 @@ def test_packed_model_keeps_its_outputs_and_stores_the_tied_table_once(model_nam
     with torch.inference_mode():
         before = model.compute_logits(model(ids, positions, meta)).float()
         pack_linear_layers(model)
-        assert isinstance(token_embedding(model), PackedEmbedding)
+        assert token_embedding(model) is embedding and isinstance(embedding.kernel, PackedEmbedding)
         assert torch.equal(token_embedding(model)(ids), table[ids])
         after = model.compute_logits(model(ids, positions, meta)).float()
     params = {id(p) for p in model.parameters()}
-    assert id(embedding.weight) not in params, "the plain table is dropped once the head serves it"
+    assert id(table_param) not in params, "the plain table is dropped once the head serves it"
     torch.testing.assert_close(after, before, atol=0.1, rtol=0.05)
     assert torch.equal(after.argmax(-1), before.argmax(-1))

@@ -131,12 +131,12 @@ def test_tied_embedding_reads_the_quantized_head(method):
     model = loaded.model
     table = model.transformer.wte.weight.detach().clone()
     quantize_linear_layers(model, method)
-    assert isinstance(model.lm_head, QuantizedLinear) and isinstance(model.transformer.wte, QuantizedEmbedding)
-    assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert isinstance(model.lm_head.kernel, QuantizedLinear) and isinstance(model.transformer.wte.kernel, QuantizedEmbedding)
+    assert all(m.kernel is not None and m.weight is None for m in model.modules() if isinstance(m, torch.nn.Linear))
     ids = torch.tensor([[0, 5, table.shape[0] - 1], [3, 3, 64]])
     unembedded = torch.eye(table.shape[1])  # x @ W^T with x = I: the head's weight, by its own path
     expected = make_quantized(torch.nn.Linear(table.shape[1], table.shape[0], bias=False), method, use_kernel=False)
-    expected.load_state_dict(model.lm_head.state_dict())
+    expected.load_state_dict(model.lm_head.kernel.state_dict())
     rows = expected.reference(unembedded).T[ids].to(torch.bfloat16)  # (2, 3, C)
     assert torch.equal(model.transformer.wte(ids), rows)
     assert (model.transformer.wte(ids).float() - table[ids].float()).abs().max() < 0.2 * table.abs().max()
@@ -178,8 +178,8 @@ def test_engine_invariants_hold_on_a_quantized_model(method, name, config):
     preemption; no KV block leaks."""
     engine = _quantized_engine(name, method, **config)
     kind = Int8Linear if method == "int8" else Int4Linear
-    assert not any(isinstance(m, torch.nn.Linear) for m in engine.runner.model.modules())
-    assert any(isinstance(m, kind) for m in engine.runner.model.modules())
+    linears = [m for m in engine.runner.model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(isinstance(m.kernel, kind) for m in linears), "every linear runs quantized"
     assert_batch_invariant(engine, expect_preemption=config.get("num_kv_blocks") == 24)
 
 

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from models.cpu_kernels import can_build
+from models.kernels import bind_kernels, select_kernels
 from models.layers import RMSNorm, rms_norm_kernel, rms_norm_reference
 
 
@@ -37,6 +38,11 @@ def test_strided_input_and_module_path(kernel):
     view = qkv[:, 2:5]
     norm = RMSNorm(32, eps=1e-5)
     norm.weight.data = torch.randn(32)
+    assert torch.equal(norm(view), rms_norm_reference(view, norm.weight, 1e-5)), "unbound: the reference"
+    bind_kernels(norm, select_kernels(torch.device("cpu"), True, torch.float32, 32))  # what the runner does
+    assert torch.equal(norm(view), kernel.rms_norm(view, norm.weight, 1e-5)), "bound: the C++ kernel"
     torch.testing.assert_close(norm(view), rms_norm_reference(view, norm.weight, 1e-5), atol=1e-5, rtol=1e-5)
+    bind_kernels(norm, select_kernels(torch.device("cpu"), False, torch.float32, 32))
+    assert torch.equal(norm(view), rms_norm_reference(view, norm.weight, 1e-5)), "fast kernels off: the reference"
     with pytest.raises(RuntimeError, match="share a dtype"):
         kernel.rms_norm(view, norm.weight.to(torch.bfloat16), 1e-5)

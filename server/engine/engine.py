@@ -73,7 +73,7 @@ class Engine:
         try:
             self.runner = ModelRunner(loaded, num_blocks, config.block_size, config.fast_kernels, self.grammars,
                                       config.mla_mode, self.workers and self.workers.tp, self.workers,
-                                      config.quantization, kv_dtype)
+                                      config.quantization, kv_dtype, config.kernel_backend)
             if self.workers is not None:
                 self.workers.wait_ready()
         except BaseException:
@@ -82,7 +82,8 @@ class Engine:
         self.proposer = None
         if spec is not None:
             self.proposer = NgramProposer(spec) if draft is None else DraftProposer(
-                spec, ModelRunner(draft, num_blocks, config.block_size, config.fast_kernels), self.runner.vocab_size)
+                spec, ModelRunner(draft, num_blocks, config.block_size, config.fast_kernels,
+                                  kernel_backend=config.kernel_backend), self.runner.vocab_size)
             log.info("speculative decoding: %s, while at most %d sequences run", spec.describe(), spec.max_batch)
         self.stop_token_ids = set(self.tokenizer.stop_token_ids)
         self.requests: dict[str, _Request] = {}

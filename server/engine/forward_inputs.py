@@ -14,7 +14,6 @@ from server.engine.step_plan import ScheduledChunk
 class ForwardInputs:
     """One forward over a packed batch."""
     input_ids: list[int]              # (N,) every chunk's new tokens, decode-like chunks first
-    positions: list[int]              # (N,)
     query_lens: list[int]             # new tokens per chunk
     seq_lens: list[int]               # context per chunk after them
     block_tables: list[list[int]]
@@ -34,13 +33,12 @@ def pack_forward_inputs(chunks: list[ScheduledChunk], sampling: list[ScheduledCh
     """Inputs for `chunks` (decode-like first, as sorted by the caller). The logit rows are the
     sampled positions of `sampling` (in order), then every prompt-logprob row; the scorings say
     where in the logits each chunk's prompt rows land."""
-    inputs = ForwardInputs([], [], [], [], [c.seq.block_table for c in chunks], sum(map(is_decode_like, chunks)), [])
+    inputs = ForwardInputs([], [], [], [c.seq.block_table for c in chunks], sum(map(is_decode_like, chunks)), [])
     ends = {}
     for chunk in chunks:
         start, seq = chunk.seq.num_computed_tokens, chunk.seq
         inputs.input_ids += seq.token_ids[start:start + chunk.num_new_tokens - len(chunk.draft_token_ids)]
         inputs.input_ids += chunk.draft_token_ids
-        inputs.positions += range(start, start + chunk.num_new_tokens)
         inputs.query_lens.append(chunk.num_new_tokens)
         inputs.seq_lens.append(start + chunk.num_new_tokens)
         ends[id(chunk)] = len(inputs.input_ids)

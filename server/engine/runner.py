@@ -26,10 +26,8 @@ from dataclasses import dataclass
 import torch
 
 from models.attention import DecodeWorkspace, build_attention_metadata
-from models.fast_linear import pack_linear_layers
+from models.kernels import bind_kernels, select_kernels
 from models.quantization import is_quantized, quantize_model
-from models.fused_attention import decode_kernel, describe_decode_path
-from models.layers import RMSNorm, rms_norm_kernel
 from models.loader import LoadedModel
 from models.mla import MLA_PATHS
 from models.moe import drain_expert_load, moe_layers
@@ -74,11 +72,12 @@ class ModelRunner:
     def __init__(self, loaded: LoadedModel, num_blocks: int, block_size: int, fast_kernels: bool = True,
                  grammars: GrammarCompiler | None = None, mla_mode: str = "absorbed",
                  tp: TensorParallel | None = None, workers=None, quantization: str | None = None,
-                 kv_dtype: torch.dtype | None = None):
+                 kv_dtype: torch.dtype | None = None, kernel_backend: str | None = None):
         """tp: this rank's place in a tensor-parallel group (the model is sharded here);
         workers: on rank 0, the WorkerGroup each step's inputs are sent to first;
         quantization: a --quantization method (models/quantization.py), applied to the linears here;
-        kv_dtype: the pools' dtype, the model's by default, or int8 (models/kv_int8.py)."""
+        kv_dtype: the pools' dtype, the model's by default, or int8 (models/kv_int8.py);
+        kernel_backend: force one of models/kernels.py's backends (default: this device's)."""
         self.model, self.device, self.block_size = loaded.model, loaded.device, block_size
         self.stop_token_ids = list(loaded.tokenizer.stop_token_ids)
         self.vocab_size = self.model.vocab_parallel.vocab_size or self.model.lm_head.out_features  # V, not a shard
@@ -90,23 +89,17 @@ class ModelRunner:
         self.kv_caches = spec.allocate(num_blocks, block_size, self.kv_dtype, self.device)  # (NB, BS, KVH, W) pools
         self.model.bind_kv_cache(self.kv_caches)
         self.workspace = DecodeWorkspace()
-        self.use_fused_decode = False
         if quantization is not None or is_quantized(self.model):  # a second engine reuses the model's
             quantize_model(self.model, loaded.name, quantization, use_kernel=fast_kernels)
         is_mla = hasattr(self.model, "set_mla_mode")
         if is_mla:
             self.model.set_mla_mode(mla_mode)  # before packing: the absorbed path splits kv_b_proj's weight
-        if fast_kernels:
-            pack_linear_layers(self.model)
-            self.use_fused_decode = self.device.type == "cpu" and decode_kernel() is not None and not is_mla
-            if self.device.type == "cpu" and any(isinstance(m, RMSNorm) for m in self.model.modules()):
-                rms_norm_kernel()  # built (or loaded) now, not inside the first request's prefill
+        self.kernels = select_kernels(self.device, fast_kernels, self.kv_dtype, spec.head_dim, kernel_backend)
+        bind_kernels(self.model, self.kernels)  # the one place the device's kernels are chosen
         if is_mla:
             log.info("decode attention: MLA %s (%s)", mla_mode, MLA_PATHS[mla_mode])
-        elif self.use_fused_decode:
-            log.info("decode attention: %s", describe_decode_path(spec.head_dim))
-        elif self.device.type == "cpu":
-            log.info("decode attention: PyTorch gather + SDPA (fast kernels %s)", "off" if not fast_kernels else "unavailable")
+        else:
+            log.info("decode attention: %s", self.kernels.description)
         self.moe_layers = moe_layers(self.model)
         drain_expert_load(self.moe_layers)  # forget routing counted before this engine (reference forwards)
         self.sampler = Sampler()
@@ -149,8 +142,7 @@ class ModelRunner:
         assert self.workers is None, "a draft model runs on rank 0 alone"
         order = sorted(range(len(queries)), key=lambda i: len(queries[i]) != 1)  # decodes first
         input_ids = [t for i in order for t in queries[i]]
-        positions = [p for i in order for p in range(seq_lens[i] - len(queries[i]), seq_lens[i])]
-        hidden = self.run_forward(ForwardInputs(input_ids, positions, [len(queries[i]) for i in order],
+        hidden = self.run_forward(ForwardInputs(input_ids, [len(queries[i]) for i in order],
                                                 [seq_lens[i] for i in order], [block_tables[i] for i in order], None, []))
         last = torch.empty(len(order), dtype=torch.long)  # (S,) packed row of each query's last token
         last[torch.tensor(order)] = torch.tensor(hidden.meta.query_start_loc[1:]) - 1
@@ -165,14 +157,10 @@ class ModelRunner:
     def run_forward(self, inputs: ForwardInputs) -> "_Hidden":
         """The model over one packed batch, and the logits of `inputs.logit_rows` (None on a
         tensor-parallel worker, which only contributes its vocab slice)."""
-        meta = build_attention_metadata(inputs.query_lens, inputs.seq_lens, inputs.block_tables, self.block_size,
-                                        self.device, inputs.num_decode_seqs)
-        meta.workspace, meta.use_fused_decode = self.workspace, self.use_fused_decode
-        states = self.model(
-            torch.tensor(inputs.input_ids, device=self.device),  # (N,)
-            torch.tensor(inputs.positions, device=self.device),  # (N,)
-            meta,
-        )  # (N, C)
+        meta, input_ids = build_attention_metadata(inputs.query_lens, inputs.seq_lens, inputs.block_tables,
+                                                   self.block_size, self.device, inputs.num_decode_seqs, inputs.input_ids)
+        meta.workspace = self.workspace
+        states = self.model(input_ids, meta.positions, meta)  # (N,), (N,) -> (N, C)
         logits = None
         if inputs.logit_rows:
             logits = self.model.compute_logits(states[torch.tensor(inputs.logit_rows, device=self.device)])  # (R, V)

@@ -57,7 +57,8 @@ def start_workers(loaded: LoadedModel, config, num_blocks: int) -> "WorkerGroup 
     return WorkerGroup(loaded, size, dict(num_blocks=num_blocks, block_size=config.block_size,
                                           fast_kernels=config.fast_kernels, mla_mode=config.mla_mode,
                                           quantization=config.quantization,
-                                          kv_dtype=pool_dtype(config.kv_cache_dtype, loaded.dtype)))
+                                          kv_dtype=pool_dtype(config.kv_cache_dtype, loaded.dtype),
+                                          kernel_backend=config.kernel_backend))
 
 
 class WorkerGroup:

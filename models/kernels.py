@@ -1,0 +1,104 @@
+"""The kernel seam: the device-dependent ops a model calls, and which implementation runs each.
+
+Model files call `Linear`, `RMSNorm`, `PagedAttention` (KV store + attention) and `apply_rotary`
+the same way on every device. The engine picks one `Kernels` at load (`select_kernels`, in the
+model runner) and `bind_kernels` hands the choice to those layers; nothing is swapped out of the
+model afterwards, so the model a learner reads in models/gpt2.py is the model that runs.
+
+    op          reference (any device)   cpu (fast kernels)                    triton (CUDA)
+    linear      F.linear                 oneDNN-packed bf16, AVX512-BF16        F.linear (cuBLAS)
+                                         small-batch kernel (fast_linear.py)
+    KV store    index_copy (int8 rows:   C++ store of int8 rows                 Triton store_kv
+                kv_int8.py)
+    attention   gather + SDPA decode,    fused C++ decode kernel, SDPA          one Triton kernel for
+                SDPA per prefill chunk   prefill chunks                         the whole mixed batch
+    RMSNorm     float32 composition      C++ kernel (rms_norm.cpp)              reference
+    rotary      float32 composition      reference                              reference
+
+Weight-only quantization (--quantization) hands linears to models/quantized_linear.py before
+this binding, on every device (its C++ kernels run on CPU, its PyTorch path elsewhere). An int8
+KV cache on CUDA attends through the reference (the Triton kernels read 16/32-bit pools). MLA
+(models/mla.py) has its own attention over latents in PyTorch on every device.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from functools import partial
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+
+from models.attention import PagedAttention, paged_attention
+from models.fast_linear import pack_linear_layers
+from models.fused_attention import decode_kernel, describe_decode_path, fused_decode_rows
+from models.layers import RMSNorm, rms_norm_kernel, rms_norm_reference
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("reference", "cpu", "triton")
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """One device's implementations of the seam's ops."""
+    name: str                  # one of BACKENDS
+    attention: Callable        # paged_attention's signature: (q, k, v, kv_cache, meta, scale) -> (N, H, D)
+    rms_norm: Callable         # (x, weight, eps) -> x's shape and dtype
+    pack_linears: bool         # hand bf16 linears to oneDNN-packed kernels (CPU only)
+    description: str           # what attention runs, for the load log
+
+
+def select_kernels(device: torch.device, fast_kernels: bool, kv_dtype: torch.dtype, head_dim: int,
+                   backend: str | None = None) -> Kernels:
+    """The kernels this device runs: `backend` when given (tests run "triton" on CPU tensors
+    under TRITON_INTERPRET=1), else reference without fast kernels, cpu on a CPU, triton on CUDA."""
+    if backend is None:
+        backend = "reference" if not fast_kernels else "cpu" if device.type == "cpu" else "triton"
+    assert backend in BACKENDS, f"unknown kernel backend {backend!r}"
+    if backend == "cpu":
+        return _cpu_kernels(head_dim)
+    if backend == "triton" and kv_dtype != torch.int8:
+        return Kernels("triton", triton_paged_attention, rms_norm_reference, False,
+                       "one Triton kernel for the mixed batch (models/triton_attention.py)")
+    why = "int8 KV cache: the Triton kernels read 16/32-bit pools" if backend == "triton" else "fast kernels off"
+    return Kernels("reference", paged_attention, rms_norm_reference, False, f"PyTorch gather + SDPA ({why})")
+
+
+def bind_kernels(model: nn.Module, kernels: Kernels) -> None:
+    """Hand the choice to the model's layers (and pack its linears where the backend does)."""
+    for module in model.modules():
+        if isinstance(module, PagedAttention):
+            module.attend = kernels.attention
+        elif isinstance(module, RMSNorm):
+            module.norm = kernels.rms_norm
+    if kernels.pack_linears:
+        pack_linear_layers(model)
+
+
+def _cpu_kernels(head_dim: int) -> Kernels:
+    """The C++ kernels of models/csrc where they built; each missing one falls back alone."""
+    module = decode_kernel()
+    attention = (paged_attention if module is None
+                 else partial(paged_attention, decode=fused_decode_rows, store_kernel=module))
+    norm = rms_norm_kernel()
+    rms_norm = rms_norm_reference if norm is None else partial(_rms_norm_cpu, norm.rms_norm)
+    return Kernels("cpu", attention, rms_norm, True, describe_decode_path(head_dim))
+
+
+def _rms_norm_cpu(kernel: Callable, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The C++ RMSNorm when x has the weight's dtype (one op instead of eight, same math)."""
+    return kernel(x, weight, eps) if x.dtype == weight.dtype else rms_norm_reference(x, weight, eps)
+
+
+def triton_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache, meta, scale: float) -> torch.Tensor:
+    """paged_attention on the Triton kernels: store the new K/V, then one launch attends every
+    query of the batch (prefill chunks over their cached prefix, decodes, verification rows)."""
+    from models.triton_attention import store_kv, unified_attention
+
+    if kv_cache is None:  # the cache-free reference forward (no pool to read through)
+        return paged_attention(q, k, v, kv_cache, meta, scale)
+    k_pool, v_pool = kv_cache
+    store_kv(k, v, k_pool, v_pool, meta.slot_mapping)
+    return unified_attention(q, k_pool, v_pool, meta.block_tables, meta.query_start, meta.seq_lens_t, scale)
