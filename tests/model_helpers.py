@@ -10,7 +10,8 @@ from models.base import CausalLM
 
 
 def allocate_kv_pool(model: CausalLM, num_blocks: int, block_size: int) -> list[tuple[torch.Tensor, ...]]:
-    return model.kv_cache_spec.allocate(num_blocks, block_size, next(model.parameters()).dtype)
+    weight = next(model.parameters())
+    return model.kv_cache_spec.allocate(num_blocks, block_size, weight.dtype, weight.device)
 
 
 @torch.inference_mode()
@@ -20,8 +21,9 @@ def cached_logits(model: CausalLM, prompt: list[int], continuation: list[int], b
 
     The prompt is prefilled in chunks of `chunk` tokens (all at once when None), then each
     continuation token is fed one at a time. Blocks are scattered (shuffled ids) to exercise
-    the block table. Returns logits for every position, (T, V).
+    the block table. Runs on the model's device. Returns logits for every position, (T, V).
     """
+    device = next(model.parameters()).device
     tokens = prompt + continuation
     num_blocks = len(tokens) // block_size + 4
     block_table = list(range(num_blocks))
@@ -35,9 +37,9 @@ def cached_logits(model: CausalLM, prompt: list[int], continuation: list[int], b
     steps += [1] * len(continuation)
     out, pos = [], 0
     for n in steps:
-        meta = build_attention_metadata([n], [pos + n], [block_table], block_size)
-        ids = torch.tensor(tokens[pos:pos + n])
-        hidden = model(ids, torch.arange(pos, pos + n), meta)
+        meta = build_attention_metadata([n], [pos + n], [block_table], block_size, device)
+        ids = torch.tensor(tokens[pos:pos + n], device=device)
+        hidden = model(ids, torch.arange(pos, pos + n, device=device), meta)
         out.append(model.compute_logits(hidden).float())
         pos += n
     model.bind_kv_cache(None)

@@ -20,12 +20,13 @@ ATOL = 2e-4
 
 def hf_logits(hf_model, ids: list[int]) -> torch.Tensor:
     with torch.no_grad():
-        return hf_model(torch.tensor([ids])).logits[0].float()
+        return hf_model(torch.tensor([ids], device=hf_model.device)).logits[0].float()
 
 
 def hf_greedy(hf_model, ids: list[int], steps: int) -> list[int]:
     with torch.no_grad():
-        out = hf_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        ids_t = torch.tensor([ids], device=hf_model.device)
+        out = hf_model.generate(ids_t, attention_mask=torch.ones_like(ids_t),
                                 max_new_tokens=steps, min_new_tokens=steps, do_sample=False, pad_token_id=0)
     return out[0, len(ids):].tolist()
 
