@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+import operator
 from itertools import accumulate, chain
 
 import torch
@@ -49,19 +50,37 @@ class AttentionMetadata:
     num_decode_seqs: int                     # the first sequences, attended as one row per query token
     num_decode_tokens: int                   # R: their tokens, the first R of the batch (= rows)
     positions: torch.Tensor | None = None     # (N,) each token's position in its sequence
-    slot_mapping: torch.Tensor | None = None  # (N,) pool slot of each new token; None: no pool
-    block_tables: torch.Tensor | None = None  # (S, max_blocks) int64, padded with 0
     query_start: torch.Tensor | None = None   # (S+1,) query_start_loc on the device
     seq_lens_t: torch.Tensor | None = None    # (S,) seq_lens on the device
+    slot_mapping: torch.Tensor | None = None  # (N,) pool slot of each new token; None: no pool
+    block_tables: torch.Tensor | None = None  # (S, max_blocks) int64, padded with 0
+    block_size: int = 0
     decode_block_tables: torch.Tensor | None = None  # (R, max_blocks) each decode row's block table
     decode_seq_lens: torch.Tensor | None = None   # (R,) int64 keys each decode row sees
-    decode_key_mask: torch.Tensor | None = None  # (R, 1, 1, L) True where a decode row may attend
-    decode_block_ids: torch.Tensor | None = None  # (R * L/BS,) the decode rows' padded block tables, flat
+    decode_blocks: int = 0                        # blocks of the longest decode row's table
     workspace: "DecodeWorkspace | None" = None    # reusable gather buffers (None: allocate per call)
+    _gather: tuple | None = None                  # (decode_key_mask, decode_block_ids), made on first use
 
     @property
     def num_seqs(self) -> int:
         return len(self.seq_lens)
+
+    @property
+    def decode_key_mask(self) -> torch.Tensor:
+        """(R, 1, 1, L) True where a decode row may attend, L = decode_blocks * BS (gather paths)."""
+        return self._gather_layout()[0]
+
+    @property
+    def decode_block_ids(self) -> torch.Tensor:
+        """(R * L/BS,) the decode rows' padded block tables, flat (gather paths)."""
+        return self._gather_layout()[1]
+
+    def _gather_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._gather is None:  # once per step, by the first layer that gathers
+            key_pos = torch.arange(self.decode_blocks * self.block_size, device=self.decode_seq_lens.device)  # (L,)
+            mask = (key_pos[None, :] < self.decode_seq_lens[:, None])[:, None, None, :]  # (R, 1, 1, L)
+            self._gather = mask, self.decode_block_tables[:, :self.decode_blocks].flatten()
+        return self._gather
 
 
 def build_attention_metadata(
@@ -73,9 +92,11 @@ def build_attention_metadata(
     num_decode_seqs: int | None = None,
     input_ids: list[int] | None = None,
 ) -> AttentionMetadata | tuple[AttentionMetadata, torch.Tensor]:
-    """Flatten per-sequence bookkeeping into the tensors attention needs, once per step: one
-    host->device copy of the compact per-sequence lists, then a handful of tensor ops on the
-    device (no per-token Python, no device->host sync).
+    """Flatten per-sequence bookkeeping into the tensors attention needs, once per step.
+
+    The host only concatenates lists (C-speed list ops: positions as ranges, block tables padded);
+    one host->device copy moves them, with the input ids; the slot mapping and the decode rows
+    come from a few tensor ops there. No per-token Python loop, no device->host sync.
 
     Args:
         query_lens: new tokens per sequence; decodes (and verification chunks) come first.
@@ -93,43 +114,34 @@ def build_attention_metadata(
             num_decode_seqs += 1
         assert all(q > 1 for q in query_lens[num_decode_seqs:]) or not block_tables, "decodes must come first"
     starts = list(accumulate(query_lens, initial=0))
-    meta = AttentionMetadata(starts, list(seq_lens), num_decode_seqs, starts[num_decode_seqs])
+    meta = AttentionMetadata(starts, list(seq_lens), num_decode_seqs, starts[num_decode_seqs], block_size=block_size)
     num_seqs, num_tokens = len(query_lens), starts[-1]
-    tables = block_tables or []
-    table_lens = [len(t) for t in tables]
-    packed = [*query_lens, *seq_lens, *table_lens, *chain.from_iterable(tables), *(input_ids or [])]
-    host = torch.tensor(packed, dtype=torch.int64, pin_memory=torch.device(device).type == "cuda")
-    on_device = host.to(device, non_blocking=True)
-    num_entries = len(packed) - 2 * num_seqs - len(table_lens) - len(input_ids or [])
-    q_lens, s_lens, t_lens, flat, ids = on_device.split(
-        [num_seqs, num_seqs, len(table_lens), num_entries, len(input_ids or [])])
-    seq_of = torch.repeat_interleave(torch.arange(num_seqs, device=device), q_lens, output_size=num_tokens)  # (N,)
-    first_pos = s_lens - q_lens  # (S,) cached tokens before this step's
-    meta.query_start = F.pad(q_lens.cumsum(0), (1, 0))  # (S+1,)
-    meta.seq_lens_t = s_lens
-    meta.positions = torch.arange(num_tokens, device=device) - (meta.query_start[:-1] - first_pos)[seq_of]  # (N,)
+    ids = input_ids or []
+    positions = list(chain.from_iterable(map(range, map(operator.sub, seq_lens, query_lens), seq_lens)))
+    max_blocks = max(map(len, block_tables)) if block_tables else 0
+    padded = chain.from_iterable(t + [0] * (max_blocks - len(t)) for t in block_tables or [])
+    host = torch.tensor([*ids, *positions, *starts, *seq_lens, *query_lens, *padded], dtype=torch.int64,
+                        pin_memory=torch.device(device).type == "cuda")
+    on_device = host.to(device, non_blocking=True)  # the step's one host->device copy
+    ids_t, meta.positions, meta.query_start, meta.seq_lens_t, q_lens, tables = on_device.split(
+        [len(ids), num_tokens, num_seqs + 1, num_seqs, num_seqs, num_seqs * max_blocks])
     if block_tables is None:
         meta.num_decode_seqs = meta.num_decode_tokens = 0  # no cache: every sequence attends to its own chunk
-        return (meta, ids) if input_ids is not None else meta
-    max_blocks = max(table_lens)
-    table_of = torch.repeat_interleave(torch.arange(num_seqs, device=device), t_lens, output_size=num_entries)
-    column = torch.arange(num_entries, device=device) - (t_lens.cumsum(0) - t_lens)[table_of]  # (E,)
-    meta.block_tables = torch.zeros(num_seqs, max_blocks, dtype=torch.int64, device=device)
-    meta.block_tables[table_of, column] = flat  # (S, max_blocks) padded with 0
+        return (meta, ids_t) if input_ids is not None else meta
+    meta.block_tables = tables.view(num_seqs, max_blocks)  # (S, max_blocks) padded with 0
+    if num_tokens == num_seqs:  # one token each (all decodes): token i is sequence i's
+        seq_of = torch.arange(num_seqs, device=device)
+    else:
+        seq_of = torch.repeat_interleave(torch.arange(num_seqs, device=device), q_lens, output_size=num_tokens)  # (N,)
     pos = meta.positions
     meta.slot_mapping = meta.block_tables[seq_of, pos // block_size] * block_size + pos % block_size  # (N,)
-    if num_decode_seqs:
-        rows = meta.num_decode_tokens
-        dec_blocks = max(table_lens[:num_decode_seqs])
-        if rows == num_decode_seqs:  # plain decodes: one row per sequence
-            meta.decode_block_tables = meta.block_tables[:rows]  # (R, max_blocks)
-        else:  # verification chunks: row i of a chunk sees the keys up to its own position
-            meta.decode_block_tables = meta.block_tables[seq_of[:rows]]  # (R, max_blocks)
-        meta.decode_seq_lens = pos[:rows] + 1  # (R,)
-        key_pos = torch.arange(dec_blocks * block_size, device=device)  # (L,)
-        meta.decode_key_mask = (key_pos[None, :] < meta.decode_seq_lens[:, None])[:, None, None, :]  # (R,1,1,L)
-        meta.decode_block_ids = meta.decode_block_tables[:, :dec_blocks].flatten()  # (R*L/BS,)
-    return (meta, ids) if input_ids is not None else meta
+    rows = meta.num_decode_tokens
+    if rows:
+        plain = rows == num_decode_seqs  # plain decodes: one row per sequence; else verification chunks,
+        meta.decode_block_tables = meta.block_tables[:rows] if plain else meta.block_tables[seq_of[:rows]]  # (R, max_blocks)
+        meta.decode_seq_lens = pos[:rows] + 1  # (R,) a verification row sees the keys up to its own position
+        meta.decode_blocks = max(map(len, block_tables[:num_decode_seqs]))
+    return (meta, ids_t) if input_ids is not None else meta
 
 
 class DecodeWorkspace:

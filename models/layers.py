@@ -25,11 +25,12 @@ class Linear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True):
         super().__init__(in_features, out_features, bias)
         self.kernel: nn.Module | None = None
+        self._run_kernel = None  # kernel.forward, a plain attribute: the hot path skips two module lookups
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel is None:
+        if self._run_kernel is None:
             return F.linear(x, self.weight, self.bias)
-        return self.kernel(x)
+        return self._run_kernel(x)
 
     def forward_gelu_tanh(self, x: torch.Tensor) -> torch.Tensor:
         """gelu(linear(x), approximate="tanh"), fused into the matmul where the kernel can."""
@@ -38,7 +39,7 @@ class Linear(nn.Linear):
 
     def use_kernel(self, kernel: nn.Module) -> None:
         """Run through `kernel` from now on; it copied the weight (and holds the bias) already."""
-        self.kernel = kernel
+        self.kernel, self._run_kernel = kernel, kernel.forward
         self.weight = None  # freed once nothing else (a tied embedding) holds it
         self.bias = None
 
