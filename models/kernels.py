@@ -51,7 +51,7 @@ class Kernels:
 
 
 def select_kernels(device: torch.device, fast_kernels: bool, kv_dtype: torch.dtype, head_dim: int,
-                   backend: str | None = None) -> Kernels:
+                   backend: str | None = None, block_size: int = 16) -> Kernels:
     """The kernels this device runs: `backend` when given (tests run "triton" on CPU tensors
     under TRITON_INTERPRET=1), else reference without fast kernels, cpu on a CPU, triton on CUDA."""
     if backend is None:
@@ -59,11 +59,22 @@ def select_kernels(device: torch.device, fast_kernels: bool, kv_dtype: torch.dty
     assert backend in BACKENDS, f"unknown kernel backend {backend!r}"
     if backend == "cpu":
         return _cpu_kernels(head_dim)
-    if backend == "triton" and kv_dtype != torch.int8:
-        return Kernels("triton", triton_paged_attention, rms_norm_reference, False,
-                       "one Triton kernel for the mixed batch (models/triton_attention.py)")
-    why = "int8 KV cache: the Triton kernels read 16/32-bit pools" if backend == "triton" else "fast kernels off"
+    why = "fast kernels off"
+    if backend == "triton":
+        why = triton_unsupported(kv_dtype, block_size)
+        if why is None:
+            return Kernels("triton", triton_paged_attention, rms_norm_reference, False,
+                           "one Triton kernel for the mixed batch (models/triton_attention.py)")
     return Kernels("reference", paged_attention, rms_norm_reference, False, f"PyTorch gather + SDPA ({why})")
+
+
+def triton_unsupported(kv_dtype: torch.dtype, block_size: int) -> str | None:
+    """Why the Triton kernels cannot serve this cache (None: they can)."""
+    if kv_dtype == torch.int8:
+        return "int8 KV cache: the Triton kernels read 16/32-bit pools"
+    if block_size < 16 or block_size & (block_size - 1):
+        return f"block size {block_size}: the Triton kernel tiles pages of a power of two >= 16 keys"
+    return None
 
 
 def bind_kernels(model: nn.Module, kernels: Kernels) -> None:

@@ -163,9 +163,9 @@ def drain_expert_load(layers: list[SparseMoE]) -> torch.Tensor | None:
     """Tokens routed to each expert since the last call, (MoE layers, E), and reset; None if dense."""
     if not layers:
         return None
-    num_experts = layers[0].experts.num_experts
-    load = torch.stack([torch.zeros(num_experts, dtype=torch.int64) if m.expert_tokens is None
-                        else m.expert_tokens.cpu() for m in layers])  # (L_moe, E)
+    num_experts, device = layers[0].experts.num_experts, layers[0].gate.weight.device
+    load = torch.stack([torch.zeros(num_experts, dtype=torch.int64, device=device) if m.expert_tokens is None
+                        else m.expert_tokens for m in layers]).cpu()  # (L_moe, E), one device->host copy
     for m in layers:
         m.expert_tokens = None
     return load

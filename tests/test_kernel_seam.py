@@ -82,6 +82,10 @@ def test_backend_choice():
     assert select_kernels(torch.device("cuda"), True, torch.bfloat16, 64).name == "triton"
     int8_cache = select_kernels(torch.device("cuda"), True, torch.int8, 64)
     assert int8_cache.name == "reference" and "int8" in int8_cache.description
+    for block_size in (4, 8, 24):  # the kernel tiles pages of a power of two >= 16: fall back, never crash
+        small = select_kernels(torch.device("cuda"), True, torch.bfloat16, 64, block_size=block_size)
+        assert small.name == "reference" and f"block size {block_size}" in small.description
+    assert select_kernels(torch.device("cuda"), True, torch.bfloat16, 64, block_size=32).name == "triton"
     with pytest.raises(AssertionError, match="kernel backend"):
         EngineConfig(kernel_backend="tpu")
 

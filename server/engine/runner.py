@@ -94,7 +94,7 @@ class ModelRunner:
         is_mla = hasattr(self.model, "set_mla_mode")
         if is_mla:
             self.model.set_mla_mode(mla_mode)  # before packing: the absorbed path splits kv_b_proj's weight
-        self.kernels = select_kernels(self.device, fast_kernels, self.kv_dtype, spec.head_dim, kernel_backend)
+        self.kernels = select_kernels(self.device, fast_kernels, self.kv_dtype, spec.head_dim, kernel_backend, block_size)
         bind_kernels(self.model, self.kernels)  # the one place the device's kernels are chosen
         if is_mla:
             log.info("decode attention: MLA %s (%s)", mla_mode, MLA_PATHS[mla_mode])

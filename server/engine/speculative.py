@@ -187,15 +187,17 @@ class DraftProposer:
         if logits.shape[1] < self.vocab_size:  # a draft with fewer padding ids than the target
             logits = torch.nn.functional.pad(logits, (0, self.vocab_size - logits.shape[1]), value=float("-inf"))
         logits = logits[:, :self.vocab_size]  # (S', V)
-        for row, j in enumerate(active):
-            params = chunks[j].seq.params
-            if params.greedy:
-                drafts[j].append(int(logits[row].argmax()))
-                probs[j].append(None)
-            else:
-                q = (logits[row] / params.temperature).softmax(-1)  # (V,)
-                drafts[j].append(int(torch.multinomial(q, 1)))
-                probs[j].append(q)
+        params = [chunks[j].seq.params for j in active]
+        drawn = logits.argmax(-1)  # (S',) final for greedy rows
+        q = None
+        if not all(p.greedy for p in params):
+            temperature = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=logits.device)
+            q = (logits / temperature[:, None]).softmax(-1)  # (S', V); only the sampled rows' are kept
+            greedy = torch.tensor([p.greedy for p in params], device=logits.device)
+            drawn = torch.where(greedy, drawn, torch.multinomial(q, 1)[:, 0])
+        for row, (j, token) in enumerate(zip(active, drawn.tolist())):  # one device->host copy a draft step
+            drafts[j].append(token)
+            probs[j].append(None if params[row].greedy else q[row])
 
 
 def load_draft_model(config: SpeculativeConfig, target):
