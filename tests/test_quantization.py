@@ -15,6 +15,7 @@ from models.quantized_linear import (Int4Linear, Int8Linear, QuantizedLinear, in
                                      pack_nibbles, quantize_int4, quantize_int8, unpack_nibbles)
 from server.config import EngineConfig
 from server.engine.engine import Engine
+from server.engine.speculative import SpeculativeConfig, draft_quantization
 from tests.test_engine import assert_batch_invariant, greedy, make_prompts
 
 
@@ -181,6 +182,24 @@ def test_engine_invariants_hold_on_a_quantized_model(method, name, config):
     linears = [m for m in engine.runner.model.modules() if isinstance(m, torch.nn.Linear)]
     assert linears and all(isinstance(m.kernel, kind) for m in linears), "every linear runs quantized"
     assert_batch_invariant(engine, expect_preemption=config.get("num_kv_blocks") == 24)
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_draft_model_is_quantized_like_the_target(method):
+    """--quantization reaches the speculative draft too; greedy speculation keeps the quantized
+    target's own tokens (the draft only proposes), and no block leaks."""
+    spec = SpeculativeConfig("draft", num_tokens=3, max_batch=1000, draft_model="random:tiny-qwen3", draft_num_layers=1)
+    prompts = make_prompts(6, seed=2)
+    plain = _quantized_engine("random:tiny-qwen3", method, num_kv_blocks=128, block_size=4)
+    expected = [c[0].token_ids for c in plain.generate(prompts, greedy())]
+    engine = _quantized_engine("random:tiny-qwen3", method, num_kv_blocks=128, block_size=4, speculative=spec)
+    kind = Int8Linear if method == "int8" else Int4Linear
+    draft_linears = [m for m in engine.proposer.runner.model.modules() if isinstance(m, torch.nn.Linear)]
+    assert draft_linears and all(isinstance(m.kernel, kind) for m in draft_linears)
+    assert [c[0].token_ids for c in engine.generate(prompts, greedy())] == expected
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert draft_quantization("gguf", "random:tiny-qwen3") is None  # no 4-bit tensors to keep
+    assert draft_quantization("int4", "random:tiny-qwen3") == "int4"
 
 
 @pytest.mark.parametrize("method,low,high", [("int8", 0.49, 0.53), ("int4", 0.30, 0.34), ("int4-g128", 0.26, 0.29)])

@@ -32,7 +32,8 @@ from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler import Scheduler
 from server.engine.step_plan import SchedulerOutput
 from server.engine.sequence import FinishReason, Sequence
-from server.engine.speculative import DraftProposer, NgramProposer, after_verification, load_draft_model
+from server.engine.speculative import (DraftProposer, NgramProposer, after_verification, draft_quantization,
+                                      load_draft_model)
 from server.engine.stop_checker import StopChecker
 from server.engine.tp_workers import start_workers
 
@@ -83,6 +84,7 @@ class Engine:
         if spec is not None:
             self.proposer = NgramProposer(spec) if draft is None else DraftProposer(
                 spec, ModelRunner(draft, num_blocks, config.block_size, config.fast_kernels,
+                                  quantization=draft_quantization(config.quantization, spec.draft_model),
                                   kernel_backend=config.kernel_backend), self.runner.vocab_size)
             log.info("speculative decoding: %s, while at most %d sequences run", spec.describe(), spec.max_batch)
         self.stop_token_ids = set(self.tokenizer.stop_token_ids)

@@ -285,3 +285,18 @@ def accept_sampled(p: Tensor, drafts: list[int], q: Tensor | None) -> tuple[int,
     if residual.sum() <= 0:  # p == q exactly, where rejection has probability 0: keep p
         residual = p[first]
     return first, int(torch.multinomial(residual, 1))
+
+
+def draft_quantization(method: str | None, draft_spec: str) -> str | None:
+    """The draft runs the target's --quantization: int8 and int4 from any checkpoint; gguf keeps
+    the draft's own 4-bit tensors where the draft is a GGUF file, and leaves any other draft in
+    the model dtype (it has no quantized tensors to keep)."""
+    if method != "gguf":
+        return method
+    from models.gguf_quantized import gguf_path
+
+    try:
+        gguf_path(draft_spec)
+    except ValueError:
+        return None
+    return method
