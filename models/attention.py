@@ -49,8 +49,10 @@ class AttentionMetadata:
     seq_lens: list[int]                      # (S,) tokens in context after this step (cached + new)
     num_decode_seqs: int                     # the first sequences, attended as one row per query token
     num_decode_tokens: int                   # R: their tokens, the first R of the batch (= rows)
+    input_ids: torch.Tensor | None = None     # (N,) the step's tokens, when the builder was given them
     positions: torch.Tensor | None = None     # (N,) each token's position in its sequence
-    query_start: torch.Tensor | None = None   # (S+1,) query_start_loc on the device
+    logit_rows: torch.Tensor | None = None    # (R,) packed rows whose logits the step needs, when given
+    query_start_loc_t: torch.Tensor | None = None  # (S+1,) query_start_loc on the device
     seq_lens_t: torch.Tensor | None = None    # (S,) seq_lens on the device
     slot_mapping: torch.Tensor | None = None  # (N,) pool slot of each new token; None: no pool
     block_tables: torch.Tensor | None = None  # (S, max_blocks) int64, padded with 0
@@ -91,12 +93,14 @@ def build_attention_metadata(
     device: torch.device | str = "cpu",
     num_decode_seqs: int | None = None,
     input_ids: list[int] | None = None,
-) -> AttentionMetadata | tuple[AttentionMetadata, torch.Tensor]:
+    logit_rows: list[int] | None = None,
+) -> AttentionMetadata:
     """Flatten per-sequence bookkeeping into the tensors attention needs, once per step.
 
     The host only concatenates lists (C-speed list ops: positions as ranges, block tables padded);
-    one host->device copy moves them, with the input ids; the slot mapping and the decode rows
-    come from a few tensor ops there. No per-token Python loop, no device->host sync.
+    one host->device copy (pinned, asynchronous on CUDA) moves them, with the input ids and logit
+    rows; the slot mapping and the decode rows come from a few tensor ops there. No per-token
+    Python loop, no device->host sync.
 
     Args:
         query_lens: new tokens per sequence; decodes (and verification chunks) come first.
@@ -105,8 +109,8 @@ def build_attention_metadata(
         block_size: tokens per block.
         num_decode_seqs: how many leading sequences to attend as decode rows, one row per
             query token (speculative verification chunks); None: the leading one-token ones.
-        input_ids: the step's tokens (N,), to ride along in the same copy; then returns
-            (meta, input_ids tensor).
+        input_ids, logit_rows: the step's tokens (N,) and the rows to compute logits for, to
+            ride along in the same copy (meta.input_ids, meta.logit_rows).
     """
     if num_decode_seqs is None:
         num_decode_seqs = 0
@@ -116,20 +120,20 @@ def build_attention_metadata(
     starts = list(accumulate(query_lens, initial=0))
     meta = AttentionMetadata(starts, list(seq_lens), num_decode_seqs, starts[num_decode_seqs], block_size=block_size)
     num_seqs, num_tokens = len(query_lens), starts[-1]
-    ids = input_ids or []
+    ids, rows_wanted = input_ids or [], logit_rows or []
     positions = list(chain.from_iterable(map(range, map(operator.sub, seq_lens, query_lens), seq_lens)))
     max_blocks = max(map(len, block_tables)) if block_tables else 0
     padded = chain.from_iterable(t + [0] * (max_blocks - len(t)) for t in block_tables or [])
-    host = torch.tensor([*ids, *positions, *starts, *seq_lens, *query_lens, *padded], dtype=torch.int64,
-                        pin_memory=torch.device(device).type == "cuda")
-    on_device = host.to(device, non_blocking=True)  # the step's one host->device copy
-    ids_t, meta.positions, meta.query_start, meta.seq_lens_t, q_lens, tables = on_device.split(
-        [len(ids), num_tokens, num_seqs + 1, num_seqs, num_seqs, num_seqs * max_blocks])
+    ids_t, rows_t, meta.positions, meta.query_start_loc_t, meta.seq_lens_t, q_lens, tables = to_device(
+        [ids, rows_wanted, positions, starts, seq_lens, query_lens, padded],
+        [len(ids), len(rows_wanted), num_tokens, num_seqs + 1, num_seqs, num_seqs, num_seqs * max_blocks], device)
+    meta.input_ids = ids_t if input_ids is not None else None
+    meta.logit_rows = rows_t if logit_rows is not None else None
     if block_tables is None:
         meta.num_decode_seqs = meta.num_decode_tokens = 0  # no cache: every sequence attends to its own chunk
-        return (meta, ids_t) if input_ids is not None else meta
+        return meta
     meta.block_tables = tables.view(num_seqs, max_blocks)  # (S, max_blocks) padded with 0
-    if num_tokens == num_seqs:  # one token each (all decodes): token i is sequence i's
+    if max(query_lens) == 1:  # one token each (all decodes): token i is sequence i's
         seq_of = torch.arange(num_seqs, device=device)
     else:
         seq_of = torch.repeat_interleave(torch.arange(num_seqs, device=device), q_lens, output_size=num_tokens)  # (N,)
@@ -141,7 +145,14 @@ def build_attention_metadata(
         meta.decode_block_tables = meta.block_tables[:rows] if plain else meta.block_tables[seq_of[:rows]]  # (R, max_blocks)
         meta.decode_seq_lens = pos[:rows] + 1  # (R,) a verification row sees the keys up to its own position
         meta.decode_blocks = max(map(len, block_tables[:num_decode_seqs]))
-    return (meta, ids_t) if input_ids is not None else meta
+    return meta
+
+
+def to_device(parts: list, sizes: list[int], device: torch.device | str) -> list[torch.Tensor]:
+    """Integer lists (or iterables of `sizes` items) -> int64 tensors on `device`, through one copy:
+    pinned and asynchronous on CUDA, so the host never waits for the GPU's queued work."""
+    host = torch.tensor(list(chain.from_iterable(parts)), dtype=torch.int64, pin_memory=torch.device(device).type == "cuda")
+    return list(host.to(device, non_blocking=True).split(sizes))
 
 
 class DecodeWorkspace:

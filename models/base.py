@@ -86,7 +86,7 @@ class CausalLM(nn.Module):
         """Logits (T, V) for every position of one sequence, no cache."""
         device = next(self.parameters()).device
         ids = torch.tensor(token_ids, device=device)  # (T,)
-        meta = build_attention_metadata([len(token_ids)], [len(token_ids)], None, 1)
+        meta = build_attention_metadata([len(token_ids)], [len(token_ids)], None, 1, device)
         bound = [layer.kv_cache for layer in self.attention_layers()]
         self.bind_kv_cache(None)  # the reference path never touches a pool an engine may own
         try:

@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.cpu_kernels import load_kernel
-from models.layers import Embedding, Linear, kernel_layers
+from models.layers import Embedding, Linear, dense_layers
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +108,8 @@ def _in_layout(packed: torch.Tensor, weight: torch.Tensor, layout: PackedLayout)
 
 
 class PackedLinear(nn.Module):
-    """Drop-in for nn.Linear with the weight stored in oneDNN's blocked layout; decode-sized
-    batches go to a small-batch kernel when one reads this CPU's layout."""
+    """A Linear's kernel (models/layers.py) with the weight stored in oneDNN's blocked layout;
+    decode-sized batches go to a small-batch kernel when one reads this CPU's layout."""
 
     def __init__(self, linear: nn.Linear, use_small_batch: bool = True):
         super().__init__()
@@ -134,12 +134,6 @@ class PackedLinear(nn.Module):
         if self.kernel is not None and x.shape[0] <= self.kernel.max_rows:
             return self.kernel.linear(x, *self.weight_buffer, self.bias_f32, self.out_features, _GELU_TANH)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "gelu", [], "tanh")
-
-
-def linear_gelu_tanh(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """GELU(tanh) of a linear layer's output, fused into the matmul where the layer can."""
-    fused = getattr(linear, "forward_gelu_tanh", None)  # PackedLinear, QuantizedLinear
-    return fused(x) if fused is not None else F.gelu(linear(x), approximate="tanh")
 
 
 class PackedEmbedding(nn.Module):
@@ -169,7 +163,7 @@ def pack_linear_layers(model: nn.Module, use_small_batch: bool = True) -> int:
     small-batch kernel takes it); returns how many. Logs which path the linears take on this CPU."""
     if not can_pack(model):
         return 0
-    targets = [(name, m) for name, m in kernel_layers(model) if name != "lm_head"]
+    targets = [(name, m) for name, m in dense_layers(model) if name != "lm_head"]
     for _, linear in targets:  # each dense weight is freed as soon as it is packed
         linear.use_kernel(PackedLinear(linear, use_small_batch))
     packed_head = _pack_lm_head(model, use_small_batch)
@@ -189,7 +183,7 @@ def _pack_lm_head(model: nn.Module, use_small_batch: bool) -> bool:
     packed = PackedLinear(head, use_small_batch)
     if packed.kernel is None:
         return False
-    tied = [m for _, m in kernel_layers(model, Embedding) if m.weight is head.weight]
+    tied = [m for _, m in dense_layers(model, Embedding) if m.weight is head.weight]
     head.use_kernel(packed)
     for embedding in tied:
         embedding.use_kernel(PackedEmbedding(packed))

@@ -22,7 +22,7 @@ KV cache on CUDA attends through the reference (the Triton kernels read 16/32-bi
 """
 from __future__ import annotations
 
-import logging
+import importlib.util
 from dataclasses import dataclass
 from functools import partial
 from collections.abc import Callable
@@ -34,8 +34,6 @@ from models.attention import PagedAttention, paged_attention
 from models.fast_linear import pack_linear_layers
 from models.fused_attention import decode_kernel, describe_decode_path, fused_decode_rows
 from models.layers import RMSNorm, rms_norm_kernel, rms_norm_reference
-
-log = logging.getLogger(__name__)
 
 BACKENDS = ("reference", "cpu", "triton")
 
@@ -58,6 +56,7 @@ def select_kernels(device: torch.device, fast_kernels: bool, kv_dtype: torch.dty
         backend = "reference" if not fast_kernels else "cpu" if device.type == "cpu" else "triton"
     assert backend in BACKENDS, f"unknown kernel backend {backend!r}"
     if backend == "cpu":
+        assert device.type == "cpu", f"the cpu kernels run on CPU tensors, not {device.type}"
         return _cpu_kernels(head_dim)
     why = "fast kernels off"
     if backend == "triton":
@@ -70,6 +69,8 @@ def select_kernels(device: torch.device, fast_kernels: bool, kv_dtype: torch.dty
 
 def triton_unsupported(kv_dtype: torch.dtype, block_size: int) -> str | None:
     """Why the Triton kernels cannot serve this cache (None: they can)."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install nanoserve[gpu])"
     if kv_dtype == torch.int8:
         return "int8 KV cache: the Triton kernels read 16/32-bit pools"
     if block_size < 16 or block_size & (block_size - 1):
@@ -78,7 +79,8 @@ def triton_unsupported(kv_dtype: torch.dtype, block_size: int) -> str | None:
 
 
 def bind_kernels(model: nn.Module, kernels: Kernels) -> None:
-    """Hand the choice to the model's layers (and pack its linears where the backend does)."""
+    """Hand the choice to the model's layers (and pack its linears where the backend does). Like
+    the KV pools, the binding lives on the model: of two engines over one model, the last built wins."""
     for module in model.modules():
         if isinstance(module, PagedAttention):
             module.attend = kernels.attention
@@ -112,4 +114,4 @@ def triton_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv
         return paged_attention(q, k, v, kv_cache, meta, scale)
     k_pool, v_pool = kv_cache
     store_kv(k, v, k_pool, v_pool, meta.slot_mapping)
-    return unified_attention(q, k_pool, v_pool, meta.block_tables, meta.query_start, meta.seq_lens_t, scale)
+    return unified_attention(q, k_pool, v_pool, meta.block_tables, meta.query_start_loc_t, meta.seq_lens_t, scale)

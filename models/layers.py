@@ -56,12 +56,13 @@ class Embedding(nn.Embedding):
         return super().forward(ids) if self.kernel is None else self.kernel(ids)
 
     def use_kernel(self, kernel: nn.Module) -> None:
+        """Read rows through `kernel` (a tied head's) from now on; the own table is released."""
         self.kernel = kernel
         self.weight = None
 
 
-def kernel_layers(model: nn.Module, kind: type = Linear) -> list[tuple[str, nn.Module]]:
-    """(name, layer) of every `kind` layer that still runs its own dense weight."""
+def dense_layers(model: nn.Module, kind: type = Linear) -> list[tuple[str, nn.Module]]:
+    """(name, layer) of every `kind` layer that still runs its own dense weight (no kernel yet)."""
     return [(name, m) for name, m in model.named_modules() if isinstance(m, kind) and m.kernel is None]
 
 

@@ -5,8 +5,9 @@
                             along K: 5 (4.5, 4.25) bits a weight
     gguf                    a GGUF file's Q4_0 / Q4_1 tensors as stored (models/gguf_quantized.py)
 
-Activations stay bf16 (or fp32). Every Linear hands its matmul to a quantized kernel module (models/quantized_linear.py), the LM
-head included; a token embedding tied to the head reads its rows out of the quantized head
+Activations stay bf16 (or fp32). Every Linear hands its matmul to a quantized kernel module
+(models/quantized_linear.py), the LM head included; a token embedding tied to the head reads
+its rows out of the quantized head
 (`QuantizedEmbedding`), so the table is stored once. MoE routed experts (stacked tensors, not
 nn.Linear) and the router keep the model dtype.
 """
@@ -17,7 +18,7 @@ import logging
 import torch
 import torch.nn as nn
 
-from models.layers import Embedding, Linear, kernel_layers
+from models.layers import Embedding, Linear, dense_layers
 from models.quantized_linear import Int4Linear, Int8Linear, QuantizedLinear
 
 log = logging.getLogger(__name__)
@@ -87,8 +88,8 @@ def quantize_linear_layers(model: nn.Module, method: str, use_kernel: bool = Tru
         raise ValueError(f"unknown quantization {method!r}; choose one of {', '.join(QUANTIZATION_METHODS[:-1])} "
                          f"(gguf: quantize_model)")
     head = getattr(model, "lm_head", None)
-    tied = [m for _, m in kernel_layers(model, Embedding) if isinstance(head, Linear) and m.weight is head.weight]
-    targets = kernel_layers(model)
+    tied = [m for _, m in dense_layers(model, Embedding) if isinstance(head, Linear) and m.weight is head.weight]
+    targets = dense_layers(model)
     for name, linear in targets:  # every layer checked before any is quantized: all or none
         check_quantizable(linear, method, name)
     before = _weight_bytes(model)

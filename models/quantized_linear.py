@@ -32,7 +32,7 @@ def _frozen(t: torch.Tensor) -> nn.Parameter:
 
 
 class QuantizedLinear(nn.Module, ABC):
-    """Drop-in for nn.Linear; subclasses store the weight and provide both paths."""
+    """A Linear's kernel (models/layers.py); subclasses store the weight and provide both paths."""
 
     kernel: Callable | None
 

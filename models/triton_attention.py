@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=["slot_mapping_ptr"])  # a slice of the packed step buffer
 def _store_kv_kernel(k_ptr, v_ptr, k_pool_ptr, v_pool_ptr, slot_mapping_ptr,
                      stride_k_tok, stride_k_head, stride_v_tok, stride_v_head,  # k, v (N, KVH, D)
                      stride_block, stride_row, stride_pool_head,  # pools (NB, BS, KVH, D)
@@ -96,7 +96,11 @@ def _find_seq(query_start_loc_ptr, num_seqs, q_block_id, BLOCK_Q: tl.constexpr):
     return lo - 1
 
 
-@triton.jit(do_not_specialize=["num_seqs"])  # one compiled kernel for every batch size
+# One compiled kernel for every batch: Triton would otherwise specialize on the batch size, on the
+# padded block-table width (a multiple of 16 or not) and on the alignment of the step's metadata,
+# which are slices of one packed buffer (models/attention.py), and recompile inside timed steps.
+@triton.jit(do_not_specialize=["num_seqs", "stride_table"],
+            do_not_specialize_on_alignment=["block_tables_ptr", "query_start_loc_ptr", "seq_lens_ptr"])
 def _unified_attention_kernel(
         q_ptr, k_pool_ptr, v_pool_ptr, out_ptr, block_tables_ptr, query_start_loc_ptr, seq_lens_ptr,
         scale, num_seqs,
@@ -195,7 +199,7 @@ def unified_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tenso
     group = num_heads // num_kv_heads
     block_m = max(16, triton.next_power_of_2(group))  # tl.dot wants at least 16 rows
     block_q = block_m // group                        # query tokens per tile (rows past block_q * G idle)
-    precision = "ieee" if torch.float32 in (q.dtype, k_pool.dtype) else "tf32"  # tf32 holds 16-bit inputs exactly
+    precision = "ieee" if torch.float32 in (q.dtype, k_pool.dtype) else "tf32"  # 16-bit inputs: tf32 is precise enough
     grid = (num_tokens // block_q + num_seqs, num_kv_heads)  # an upper bound on query blocks, no host sync
     _unified_attention_kernel[grid](
         q, k_pool, v_pool, out, block_tables, query_start_loc, seq_lens, scale, num_seqs,

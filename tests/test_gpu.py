@@ -20,6 +20,7 @@ import os
 import pytest
 import torch
 
+from models.kernels import bind_kernels, select_kernels
 from models.loader import load_model
 from models.moe import moe_layers
 from server.config import EngineConfig
@@ -143,3 +144,7 @@ def test_half_precision_close_to_fp32(hf_checkpoints, family, dtype):
     expected = fp32.full_logits(ids)
     torch.testing.assert_close(half.full_logits(ids), expected, atol=0.05, rtol=0.05)
     torch.testing.assert_close(cached_logits(half, ids[:20], ids[20:], chunk=7), expected, atol=0.05, rtol=0.05)
+    head_dim = half.kv_cache_spec.head_dim  # the same paged path through the device's kernels (Triton on CUDA)
+    bind_kernels(half, select_kernels(DEVICE, True, half.lm_head.weight.dtype, head_dim, block_size=16))
+    torch.testing.assert_close(cached_logits(half, ids[:20], ids[20:], block_size=16, chunk=7), expected,
+                               atol=0.05, rtol=0.05)

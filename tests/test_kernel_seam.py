@@ -108,16 +108,16 @@ def test_step_tensors_equal_the_per_token_definition(seed):
         n = -(-s_len // block_size)
         tables.append([ids.pop() for _ in range(n)])
     tokens = [rng.randrange(1000) for _ in range(sum(query_lens))]
-    meta, input_ids = build_attention_metadata(query_lens, seq_lens, tables, block_size, "cpu", num_decode, tokens)
+    meta = build_attention_metadata(query_lens, seq_lens, tables, block_size, "cpu", num_decode, tokens, [0, 2])
     positions = [p for q, s in zip(query_lens, seq_lens) for p in range(s - q, s)]
     slots = [t[p // block_size] * block_size + p % block_size
              for t, q, s in zip(tables, query_lens, seq_lens) for p in range(s - q, s)]
-    assert input_ids.tolist() == tokens
+    assert meta.input_ids.tolist() == tokens and meta.logit_rows.tolist() == [0, 2]
     assert meta.positions.tolist() == positions
     assert meta.slot_mapping.tolist() == slots
     width = max(map(len, tables))
     assert meta.block_tables.tolist() == [t + [0] * (width - len(t)) for t in tables]
-    assert meta.query_start.tolist() == meta.query_start_loc and meta.seq_lens_t.tolist() == seq_lens
+    assert meta.query_start_loc_t.tolist() == meta.query_start_loc and meta.seq_lens_t.tolist() == seq_lens
     rows = sum(query_lens[:num_decode])
     assert meta.num_decode_tokens == rows
     if rows:
@@ -136,10 +136,11 @@ def test_triton_backend_attends_like_the_reference_on_one_mixed_step():
     query_lens, seq_lens, block_size = [1, 1, 3, 12], [9, 30, 20, 40], 16
     tables = [[3], [5, 1], [7, 2], [0, 4, 6]]
     n, kvh, h, d = sum(query_lens), 2, 4, 16
-    q, k, v = (torch.randn(n, heads, d, generator=gen) for heads in (h, kvh, kvh))
+    q, k, v = (torch.randn(n, heads, d, generator=gen).to(DEVICE) for heads in (h, kvh, kvh))
     outs = []
     for attend in (paged_attention, triton_paged_attention):
-        pools = tuple(torch.randn(8, block_size, kvh, d, generator=torch.Generator().manual_seed(1)) for _ in range(2))
-        meta = build_attention_metadata(query_lens, seq_lens, tables, block_size, "cpu", 3)
+        pools = tuple(torch.randn(8, block_size, kvh, d, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+                      for _ in range(2))
+        meta = build_attention_metadata(query_lens, seq_lens, tables, block_size, DEVICE, 3)
         outs.append(attend(q, k, v, pools, meta, d**-0.5))
     torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=1e-4)

@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 
 from models.cpu_kernels import can_build
-from models.fast_linear import linear_gelu_tanh
 from models.loader import load_model
 from models.quantization import QuantizedEmbedding, make_quantized, quantize_linear_layers
 from models.quantized_linear import (Int4Linear, Int8Linear, QuantizedLinear, int4_kernel, int8_kernel,
@@ -96,7 +95,7 @@ def test_quantized_linear_equals_exact_math(method, use_kernel, rows, shape, bia
     expected = _exact(x, method, linear)
     tolerance = dict(atol=1e-2 * expected.abs().max().item(), rtol=1e-2)
     torch.testing.assert_close(layer(x).double(), expected, **tolerance)
-    torch.testing.assert_close(linear_gelu_tanh(layer, x).double(), F.gelu(expected, approximate="tanh"), **tolerance)
+    torch.testing.assert_close(layer.forward_gelu_tanh(x).double(), F.gelu(expected, approximate="tanh"), **tolerance)
 
 
 @needs_kernel

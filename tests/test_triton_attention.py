@@ -126,8 +126,10 @@ def test_unified_attention_decodes_only_into_out():
     tables = torch.tensor([[5, 2], [7, 0], [1, 3]])  # (S, 2)
     seq_lens = [20, 3, 32]
     q = torch.randn(3, 4, 64, generator=gen)  # (N, H, D)
+    k_pool, v_pool, tables, q = (t.to(DEVICE) for t in (k_pool, v_pool, tables, q))
     out = torch.empty_like(q)
-    result = unified_attention(q, k_pool, v_pool, tables, torch.arange(4), torch.tensor(seq_lens), 0.125, out=out)
+    result = unified_attention(q, k_pool, v_pool, tables, torch.arange(4, device=DEVICE),
+                               torch.tensor(seq_lens, device=DEVICE), 0.125, out=out)
     keys = [k_pool[t].flatten(0, 1)[:n] for t, n in zip(tables, seq_lens)]  # (L, KVH, D) each
     values = [v_pool[t].flatten(0, 1)[:n] for t, n in zip(tables, seq_lens)]
     assert result is out
@@ -141,7 +143,9 @@ def test_store_kv_writes_exactly_the_given_slots():
     k_before, v_before = k_pool.clone(), v_pool.clone()
     slot_mapping = torch.tensor([37, -1, 5, 63, -1, 16])  # (N,) two padded tokens
     k = torch.randn(6, 2, 64, generator=gen)  # (N, KVH, D) float32, cast to the pools' float16
-    v = torch.randn(6, 3, 2, 64, generator=gen)[:, 1]  # (N, KVH, D) a strided view, as a slice of fused qkv is
+    v = torch.randn(6, 3, 2, 64, generator=gen).to(DEVICE)[:, 1]  # (N, KVH, D) strided, as a slice of fused qkv is
+    k_pool, v_pool, k_before, v_before, slot_mapping, k = (t.to(DEVICE) for t in (k_pool, v_pool, k_before, v_before,
+                                                                                  slot_mapping, k))
     store_kv(k, v, k_pool, v_pool, slot_mapping)
 
     written = slot_mapping >= 0

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 
@@ -142,11 +143,13 @@ class ModelRunner:
         assert self.workers is None, "a draft model runs on rank 0 alone"
         order = sorted(range(len(queries)), key=lambda i: len(queries[i]) != 1)  # decodes first
         input_ids = [t for i in order for t in queries[i]]
-        hidden = self.run_forward(ForwardInputs(input_ids, [len(queries[i]) for i in order],
-                                                [seq_lens[i] for i in order], [block_tables[i] for i in order], None, []))
-        last = torch.empty(len(order), dtype=torch.long)  # (S,) packed row of each query's last token
-        last[torch.tensor(order)] = torch.tensor(hidden.meta.query_start_loc[1:]) - 1
-        return hidden.states[last.to(self.device)]
+        ends = list(accumulate(len(queries[i]) for i in order))
+        last = [0] * len(order)  # (S,) packed row of each query's last token, in the order given
+        for packed, i in enumerate(order):
+            last[i] = ends[packed] - 1
+        hidden = self.run_forward(ForwardInputs(input_ids, [len(queries[i]) for i in order], [seq_lens[i] for i in order],
+                                                [block_tables[i] for i in order], None, last), with_logits=False)
+        return hidden.states[hidden.meta.logit_rows]
 
     def _forward(self, inputs: ForwardInputs) -> "_Hidden":
         if self.workers is not None:  # tensor parallel: every rank runs this same forward
@@ -154,16 +157,16 @@ class ModelRunner:
         return self.run_forward(inputs)
 
     @torch.inference_mode()
-    def run_forward(self, inputs: ForwardInputs) -> "_Hidden":
+    def run_forward(self, inputs: ForwardInputs, with_logits: bool = True) -> "_Hidden":
         """The model over one packed batch, and the logits of `inputs.logit_rows` (None on a
-        tensor-parallel worker, which only contributes its vocab slice)."""
-        meta, input_ids = build_attention_metadata(inputs.query_lens, inputs.seq_lens, inputs.block_tables,
-                                                   self.block_size, self.device, inputs.num_decode_seqs, inputs.input_ids)
+        tensor-parallel worker, which only contributes its vocab slice, and without with_logits)."""
+        meta = build_attention_metadata(inputs.query_lens, inputs.seq_lens, inputs.block_tables, self.block_size,
+                                        self.device, inputs.num_decode_seqs, inputs.input_ids, inputs.logit_rows)
         meta.workspace = self.workspace
-        states = self.model(input_ids, meta.positions, meta)  # (N,), (N,) -> (N, C)
+        states = self.model(meta.input_ids, meta.positions, meta)  # (N,), (N,) -> (N, C)
         logits = None
-        if inputs.logit_rows:
-            logits = self.model.compute_logits(states[torch.tensor(inputs.logit_rows, device=self.device)])  # (R, V)
+        if inputs.logit_rows and with_logits:
+            logits = self.model.compute_logits(states[meta.logit_rows])  # (R, V)
         return _Hidden(states, meta, logits)
 
     def _start_grammar_masks(self, rows: list[SamplingRow], speculative: list[bool]) -> Future | None:

@@ -189,15 +189,18 @@ class DraftProposer:
         logits = logits[:, :self.vocab_size]  # (S', V)
         params = [chunks[j].seq.params for j in active]
         drawn = logits.argmax(-1)  # (S',) final for greedy rows
-        q = None
-        if not all(p.greedy for p in params):
-            temperature = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=logits.device)
-            q = (logits / temperature[:, None]).softmax(-1)  # (S', V); only the sampled rows' are kept
-            greedy = torch.tensor([p.greedy for p in params], device=logits.device)
-            drawn = torch.where(greedy, drawn, torch.multinomial(q, 1)[:, 0])
-        for row, (j, token) in enumerate(zip(active, drawn.tolist())):  # one device->host copy a draft step
-            drafts[j].append(token)
-            probs[j].append(None if params[row].greedy else q[row])
+        sampled = [row for row, p in enumerate(params) if not p.greedy]
+        q = {}
+        if sampled:
+            rows = torch.stack([logits[row] / params[row].temperature for row in sampled]).softmax(-1)  # (S'', V)
+            drawn = torch.cat((drawn, torch.multinomial(rows, 1)[:, 0]))  # (S' + S'',) read back together
+            q = dict(zip(sampled, rows.unbind(0)))
+        tokens = drawn.tolist()  # one device->host copy a draft step
+        for k, row in enumerate(sampled):
+            tokens[row] = tokens[len(params) + k]
+        for row, j in enumerate(active):
+            drafts[j].append(tokens[row])
+            probs[j].append(q.get(row))
 
 
 def load_draft_model(config: SpeculativeConfig, target):

@@ -133,7 +133,8 @@ def run_trace(loaded: LoadedModel, spec: str, prompts: list[list[int]], decode_s
         engine.add_request(f"trace-{i}", prompt, params)
     names = dimension_names(model.config) + [("BS", block_size)]
     moe_first = sorted(names, key=lambda n: (n[0] != "C", n[0] not in MOE_LETTERS))  # a router's (N, K) is not (N, KVH)
-    weighted = {name for name, m in model.named_modules() if name and any(True for _ in m.parameters(recurse=False))}
+    weighted = {name.removesuffix(".kernel")  # a Linear's kernel holds its weight; the Linear is what runs
+                for name, m in model.named_modules() if name and any(True for _ in m.parameters(recurse=False))}
     steps = []
     while engine.has_unfinished():
         with ModuleRecorder(model, lambda: _probe(engine)) as recorder:
