@@ -2,6 +2,7 @@
 
 Tensors are renamed to GGUF names, Llama q/k rows are permuted for interleaved RoPE, and the
 tokenizer fields are copied from the default model's GGUF (SmolLM2's byte-level BPE).
+`write_gpt2_gguf` writes a nanoserve GPT-2 with GPT-2's own vocabulary.
 """
 from __future__ import annotations
 
@@ -176,6 +177,50 @@ def write_deepseek2_gguf(path, hf_model, tokenizer_source: str, split_kv_b: bool
     for layer, parts in experts.items():
         for part, data in parts.items():
             writer.add_tensor(f"blk.{layer}.{part}.weight", np.ascontiguousarray(data))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def write_gpt2_gguf(path, model, vocab: dict, types: dict[str, gguf.GGMLQuantizationType]) -> None:
+    """A nanoserve GPT-2 as llama.cpp's converter lays one out: fused attn_qkv, weights (out, in)
+    (the converter transposes HF's Conv1D), biases, position_embd, the LM head tied to
+    token_embd. vocab: tokenizer.ggml.* fields; types: tensor type by a substring of our name."""
+    from models.gguf_checkpoint import GPT2_LAYER_NAMES, GPT2_NAMES
+
+    cfg = model.config
+    writer = gguf.GGUFWriter(str(path), "gpt2")
+    writer.add_block_count(cfg.n_layer)
+    writer.add_context_length(cfg.n_positions)
+    writer.add_embedding_length(cfg.n_embd)
+    writer.add_feed_forward_length(4 * cfg.n_embd)
+    writer.add_head_count(cfg.n_head)
+    writer.add_layer_norm_eps(cfg.layer_norm_epsilon)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt2")
+    writer.add_token_list(vocab["tokenizer.ggml.tokens"])
+    writer.add_token_merges(vocab["tokenizer.ggml.merges"])
+    writer.add_token_types(vocab["tokenizer.ggml.token_type"])
+    writer.add_eos_token_id(vocab["tokenizer.ggml.eos_token_id"])
+    top = {ours: theirs for theirs, ours in GPT2_NAMES.items()}
+    per_layer = {ours: theirs for theirs, ours in GPT2_LAYER_NAMES.items()}
+    for name, tensor in model.state_dict().items():
+        stem, kind = name.rsplit(".", 1)
+        if stem == "lm_head":
+            continue  # tied
+        if stem in top:
+            gguf_name = f"{top[stem]}.{kind}"
+        else:
+            _, _, layer, module = stem.split(".", 3)  # transformer.h.<i>.<module>
+            gguf_name = f"blk.{layer}.{per_layer[module]}.{kind}"
+        data = tensor.detach().float().numpy()
+        quant = next((t for part, t in types.items() if part in name), None) if kind == "weight" else None
+        if quant is not None:
+            q = gguf.quants.quantize(data, quant)
+            writer.add_tensor(gguf_name, q, raw_shape=q.shape, raw_dtype=quant)
+        else:
+            writer.add_tensor(gguf_name, np.ascontiguousarray(data))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -15,7 +15,7 @@ from models.quantization import quantize_model
 from models.quantized_linear import Int4Linear
 from server.config import EngineConfig
 from server.engine.engine import Engine
-from tests.gguf_writer import write_gguf
+from tests.gguf_writer import write_gguf, write_gpt2_gguf
 from tests.test_engine import greedy
 from tests.test_quantization import needs_kernel
 
@@ -51,6 +51,48 @@ def mixed_gguf(tmp_path_factory):
     path = tmp_path_factory.mktemp("gguf") / "mixed.gguf"
     write_gguf(path, hf_model.eval(), "llama", str(DEFAULT_GGUF), types=MIXED)
     return path
+
+
+# GPT-2 fuses nothing: c_attn Q4_0, the MLP's c_fc Q4_1 and c_proj Q4_0, attention's c_proj Q8_0
+GPT2_TYPES = {".attn.c_attn.": T.Q4_0, ".mlp.c_fc.": T.Q4_1, ".mlp.c_proj.": T.Q4_0, ".attn.c_proj.": T.Q8_0}
+
+
+@pytest.fixture(scope="module")
+def gpt2_gguf(tmp_path_factory):
+    """A tiny GPT-2 GGUF (hidden 64: two 32-groups a row) with GPT-2's vocabulary."""
+    from tests.test_tokenizer import gpt2_vocab_as_gguf
+
+    torch.manual_seed(7)
+    model = load_model("random:tiny-gpt2", dtype="float32", device="cpu").model
+    vocab = {key: field.contents() for key, field in gpt2_vocab_as_gguf().fields.items()}
+    path = tmp_path_factory.mktemp("gguf") / "gpt2.gguf"
+    write_gpt2_gguf(path, model, vocab, GPT2_TYPES)
+    return path
+
+
+def test_gpt2_gguf_keeps_its_4_bit_layers_as_the_file_stores_them(gpt2_gguf):
+    """Every Q4_0/Q4_1 linear of a GPT-2 file is kept (biases beside it), equal to the dequantizing
+    loader's weight; the Q8_0 attention projection and the tied head stay float."""
+    model = load_model(str(gpt2_gguf), dtype="float32", device="cpu").model
+    dense = {name: m.weight.detach().clone() for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    biases = {name: m.bias.detach().clone() for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+              and m.bias is not None}
+    assert quantize_model(model, str(gpt2_gguf), "gguf") == 2 * 3  # c_attn, c_fc, mlp.c_proj per layer
+    kept = {name: m.kernel for name, m in model.named_modules() if isinstance(getattr(m, "kernel", None), Int4Linear)}
+    assert sorted(kept) == sorted(n for n in dense if n != "lm_head" and ".attn.c_proj" not in n)
+    for name, layer in kept.items():
+        assert torch.equal(layer.dequantize(), dense[name]), name
+        assert torch.equal(layer.bias, biases[name].float()), name
+    assert model.transformer.h[0].attn.c_proj.kernel is None and model.lm_head.kernel is None
+
+
+def test_gpt2_gguf_greedy_output_equals_the_dequantized_model(gpt2_gguf):
+    outputs = []
+    for method in (None, "gguf"):
+        loaded = load_model(str(gpt2_gguf), dtype="float32", device="cpu")
+        engine = Engine(loaded, EngineConfig(num_kv_blocks=64, block_size=4, quantization=method))
+        outputs.append([c[0].token_ids for c in engine.generate(_prompts(4), greedy())])
+    assert outputs[0] == outputs[1]
 
 
 def test_default_models_q4_1_tensors_equal_gguf_dequantization():
