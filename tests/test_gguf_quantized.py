@@ -86,15 +86,6 @@ def test_gpt2_gguf_keeps_its_4_bit_layers_as_the_file_stores_them(gpt2_gguf):
     assert model.transformer.h[0].attn.c_proj.kernel is None and model.lm_head.kernel is None
 
 
-def test_gpt2_gguf_greedy_output_equals_the_dequantized_model(gpt2_gguf):
-    outputs = []
-    for method in (None, "gguf"):
-        loaded = load_model(str(gpt2_gguf), dtype="float32", device="cpu")
-        engine = Engine(loaded, EngineConfig(num_kv_blocks=64, block_size=4, quantization=method))
-        outputs.append([c[0].token_ids for c in engine.generate(_prompts(4), greedy())])
-    assert outputs[0] == outputs[1]
-
-
 def test_default_models_q4_1_tensors_equal_gguf_dequantization():
     reader = gguf.GGUFReader(DEFAULT_GGUF)
     names = ["blk.0.attn_q.weight", "blk.7.ffn_down.weight", "blk.29.ffn_up.weight"]
@@ -127,11 +118,13 @@ def test_kept_layers_hold_the_files_weights_after_renames_unpermutes_and_fusions
     assert model.get_submodule("model.layers.0.self_attn.o_proj").kernel is None  # Q8_0: a float layer
 
 
-def test_greedy_output_equals_the_dequantized_model(mixed_gguf):
+@pytest.mark.parametrize("file", ["mixed_gguf", "gpt2_gguf"])
+def test_greedy_output_equals_the_dequantized_model(file, request):
     """float32: the kept layers compute with the very weights the dequantizing loader makes."""
+    path = request.getfixturevalue(file)
     outputs = []
     for method in (None, "gguf"):
-        loaded = load_model(str(mixed_gguf), dtype="float32", device="cpu")
+        loaded = load_model(str(path), dtype="float32", device="cpu")
         engine = Engine(loaded, EngineConfig(num_kv_blocks=64, block_size=4, quantization=method))
         outputs.append([c[0].token_ids for c in engine.generate(_prompts(4), greedy())])
     assert outputs[0] == outputs[1]
