@@ -162,3 +162,11 @@ def test_dying_engine_loop_fails_requests_loudly(broken_engine_server, stream):
         assert _status(url + "/health") == 503
         after = client.post("/v1/completions", json=body)
         assert after.status_code == 503 and "engine" in after.json()["error"]["message"]
+
+
+def test_the_server_loads_and_steps_on_one_thread(tiny_server):
+    """The model loads on the thread that runs the engine loop (server/engine/engine_thread.py)."""
+    with tiny_server.client() as client:
+        response = client.post("/v1/completions", json={"model": TINY_MODEL, "prompt": "hi", "max_tokens": 4})
+    assert response.status_code == 200
+    assert "runs on another thread than the one that built the engine" not in tiny_server.log_tail(10**6)

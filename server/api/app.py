@@ -19,6 +19,7 @@ from server.api.server_config import ServerConfig
 from server.api.serving.state import ServingState
 from server.engine.async_engine import AsyncEngine
 from server.engine.engine import Engine
+from server.engine.engine_thread import EngineThread
 from server.metrics import Metrics
 from server.stats_logger import StatsLogger
 
@@ -48,7 +49,7 @@ def _lifespan(config: ServerConfig, engine: Engine | None):
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if engine is not None:
-            _start_serving(app, engine)
+            _start_serving(app, engine, thread)
             loading = None
         else:  # load in the background so /health can say 503 meanwhile
             loading = asyncio.create_task(_load_and_serve(app, config))
@@ -67,8 +68,12 @@ def _lifespan(config: ServerConfig, engine: Engine | None):
 
 
 async def _load_and_serve(app: FastAPI, config: ServerConfig) -> None:
+    thread = EngineThread()  # loads the model, then runs the engine loop (engine_thread.py: why one)
     try:
-        engine = await asyncio.to_thread(_build_engine, config)
+        engine = await asyncio.wrap_future(thread.submit(_build_engine, config))
+    except asyncio.CancelledError:  # the server stops while loading: the thread ends after the load
+        thread.close()
+        raise
     except Exception as error:  # noqa: BLE001 - report and stop the server, do not hang at 503
         if isinstance(error, ModelLoadError):
             log.error("%s", error)
@@ -77,8 +82,9 @@ async def _load_and_serve(app: FastAPI, config: ServerConfig) -> None:
         app.state.load_error = error
         if app.state.on_fatal is not None:
             app.state.on_fatal()
+        thread.close()
         return
-    _start_serving(app, engine)
+    _start_serving(app, engine, thread)
 
 
 def _build_engine(config: ServerConfig) -> Engine:
@@ -97,13 +103,13 @@ def _fail(app: FastAPI, reason: str) -> None:
         app.state.on_fatal()
 
 
-def _start_serving(app: FastAPI, engine: Engine) -> None:
+def _start_serving(app: FastAPI, engine: Engine, thread: EngineThread | None = None) -> None:
     config: ServerConfig = app.state.config
     metrics: Metrics = app.state.metrics
     loaded = engine.loaded
     metrics.set_build_info(__version__, loaded.name, str(loaded.dtype).removeprefix("torch."), str(loaded.device))
     async_engine = AsyncEngine(engine, config.max_queue, [metrics.observe_step, StatsLogger()])
-    async_engine.start()
+    async_engine.start(thread)
     if engine.workers is not None:
         engine.workers.on_failure.append(lambda reason: _fail(app, reason))
         if engine.failure is not None:  # a worker died before the callback was in place

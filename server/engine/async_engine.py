@@ -7,7 +7,8 @@
     stream  <-- deltas, call_soon_threadsafe -------  engine.step() -> ChoiceDeltas
     abort() -- inbox under a Condition ------------>  engine.abort()
 
-One thread owns the Engine; handlers never touch engine state. Each HTTP request gets one
+One thread owns the Engine; handlers never touch engine state. It is an EngineThread, which the
+server also loads the model on (engine_thread.py says why torch wants a single thread). Each HTTP request gets one
 asyncio.Queue (in its RequestStream); the thread hands a whole step's deltas to the loop with a
 single `call_soon_threadsafe`. With nothing to do the thread sleeps on the Condition (no busy
 spin). If the thread dies, every open stream and pending add gets EngineDeadError and
@@ -20,9 +21,11 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
 
 from server.engine.engine import Engine
+from server.engine.engine_thread import EngineThread
 from server.engine.outputs import ChoiceDelta, StepStats
 from server.engine.sampling_params import SamplingParams
 
@@ -102,7 +105,8 @@ class AsyncEngine:
         self._streams: dict[str, RequestStream] = {}   # event-loop thread only
         self._acks: set[asyncio.Future] = set()        # event-loop thread only
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._thread: EngineThread | None = None
+        self._running: Future | None = None  # the engine loop, on self._thread
         self.error: BaseException | None = None
 
     # ---- event-loop side ------------------------------------------------------------------
@@ -110,26 +114,29 @@ class AsyncEngine:
     @property
     def is_healthy(self) -> bool:
         return (self.error is None and self.engine.failure is None
-                and self._thread is not None and self._thread.is_alive())
+                and self._running is not None and not self._running.done())
 
     @property
     def failure(self) -> str:
         """Why the engine is not healthy, for /health."""
         return self.engine.failure or f"the engine loop is not running: {self.error!r}"
 
-    def start(self) -> None:
-        """Start the engine thread; call from the event loop that will consume the streams."""
+    def start(self, thread: EngineThread | None = None) -> None:
+        """Run the engine loop on `thread` (the one that built the engine; a new one if None);
+        call from the event loop that will consume the streams. The loop owns the thread from now
+        on and closes it when it stops."""
         self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
-        self._thread.start()
+        self._thread = thread or EngineThread()
+        self._running = self._thread.submit(self._run)
+        self._thread.close()
 
     async def shutdown(self) -> None:
         """Abort every open request, stop the thread and wait for it."""
         with self._cond:
             self._stopping = True
             self._cond.notify()
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join)
+        if self._running is not None:
+            await asyncio.wrap_future(self._running)
 
     async def add(self, request_id: str, prompts: list[list[int]], params: SamplingParams) -> RequestStream:
         """Queue one engine request per prompt, all or none.
@@ -197,6 +204,9 @@ class AsyncEngine:
     # ---- engine thread --------------------------------------------------------------------
 
     def _run(self) -> None:
+        if self.engine.built_on_thread != threading.get_ident():
+            log.warning("the engine loop runs on another thread than the one that built the engine: "
+                        "OpenMP keeps a team of workers for each, and steps can be slower (engine_thread.py)")
         try:
             while self._run_once():
                 pass

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -54,6 +55,7 @@ class Engine:
     def __init__(self, loaded: LoadedModel, config: EngineConfig):
         self.loaded, self.config = loaded, config
         self.tokenizer = loaded.tokenizer
+        self.built_on_thread = threading.get_ident()  # steps run best on this thread (engine_thread.py)
         max_model_len = min(config.max_model_len or loaded.max_model_len, loaded.max_model_len)
         spec = config.speculative
         draft = load_draft_model(spec, loaded) if spec is not None and spec.method == "draft" else None
