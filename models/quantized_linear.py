@@ -1,6 +1,8 @@
 """Linear layers over quantized weights: int8 per output channel, 4-bit per group of K.
 
     Int8Linear   q int8, one fp32 scale s per output channel:          W[n, k] = s[n] q[n, k]
+    Int8GroupLinear  q int8, an fp16 scale d per group of G along K:   W[n, k] = d[n, g] q[n, k]
+                 (GGUF's Q8_0 at G = 32)
     Int4Linear   v in 0..15, a scale d and a minimum m per group of G:  W[n, k] = d[n, g] v[n, k] + m[n, g]
                  (g = k // G; GGUF's Q4_1, and Q4_0 with m = -8 d)
 
@@ -101,8 +103,7 @@ class Int8Linear(QuantizedLinear):
 
     def int8_weight(self) -> torch.Tensor:
         """q as (N, K) int8, out of the blocked layout (a copy)."""
-        blocked = self.qweight.view(-1, self.in_features // 2, COLS, 2)  # [n/64][k/2][n%64][k%2]
-        return blocked.permute(0, 2, 1, 3).reshape(-1, self.in_features)[:self.out_features]
+        return unblock_int8(self.qweight, self.out_features, self.in_features)
 
     def dequantize(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         if rows is None:
@@ -120,6 +121,47 @@ class Int8Linear(QuantizedLinear):
 
     def _run_kernel(self, rows: torch.Tensor, activation: int) -> torch.Tensor:
         return self.kernel(rows, self.qweight, self.scale, self.bias, self.out_features, activation)
+
+
+def unblock_int8(qweight: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """PAIRS64_LAYOUT's int8 blocks back to (N, K) (a copy)."""
+    blocked = qweight.view(-1, k // 2, COLS, 2)  # [n/64][k/2][n%64][k%2]
+    return blocked.permute(0, 2, 1, 3).reshape(-1, k)[:n]
+
+
+def int8_group_kernel() -> Callable | None:
+    """The compiled grouped-int8 kernel, or None where this CPU or build cannot run it."""
+    module = load_kernel("nanoserve_int8_linear", "int8_linear.cpp")
+    return module.int8_group_linear if module is not None and module.int8_linear_available() else None
+
+
+class Int8GroupLinear(QuantizedLinear):
+    """int8 values with an fp16 scale per group of K, as a GGUF file stores Q8_0 (no quantizer
+    here: `parts` are the file's)."""
+
+    def __init__(self, linear: nn.Linear, group_size: int, parts: tuple[torch.Tensor, torch.Tensor],
+                 use_kernel: bool = True):
+        """parts: q (N, K) int8 and scale (N, K/G) fp16."""
+        super().__init__(linear)
+        if self.in_features % group_size or group_size % 2:
+            raise ValueError(f"{self.in_features} input features do not split into even groups of {group_size}")
+        self.group_size = group_size
+        q, scale = parts
+        self.qweight = _frozen(PAIRS64_LAYOUT.order(q))  # (ceil(N/64) 64 K,) int8
+        self.scale = _frozen(to_blocks(scale))             # (ceil(N/64), groups, 64) fp16
+        on_cpu = linear.weight.device.type == "cpu"
+        self.kernel = int8_group_kernel() if use_kernel and on_cpu else None
+
+    def dequantize(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        n, k, g = self.out_features, self.in_features, self.group_size
+        if rows is None:
+            q, scale = unblock_int8(self.qweight, n, k), from_blocks(self.scale, n)  # (N, K), (N, groups)
+        else:  # (T, K), (T, groups): only the rows asked for (an embedding lookup)
+            q, scale = PAIRS64_LAYOUT.rows(self.qweight, rows, k), self.scale[rows // COLS, :, rows % COLS]
+        return (q.float().view(q.shape[0], k // g, g) * scale.float()[..., None]).view(-1, k)
+
+    def _run_kernel(self, rows: torch.Tensor, activation: int) -> torch.Tensor:
+        return self.kernel(rows, self.qweight, self.scale, self.bias, self.out_features, self.group_size, activation)
 
 
 # ---- 4-bit, group-wise ------------------------------------------------------------------------

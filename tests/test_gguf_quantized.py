@@ -1,6 +1,7 @@
-"""`--quantization gguf`: a GGUF file's Q4_0 / Q4_1 tensors are served as stored. Their values
-and scales, read without dequantizing, equal the `gguf` package's own dequantization bit for
-bit, through every rename, llama q/k unpermutation and q/k/v or gate/up fusion the loader does."""
+"""`--quantization gguf`: a GGUF file's Q4_0 / Q4_1 / Q8_0 tensors are served as stored. Their
+values and scales, read without dequantizing, equal the `gguf` package's own dequantization bit
+for bit, through every rename, llama q/k unpermutation and q/k/v or gate/up fusion the loader
+does; a head tied to a Q8_0 embedding table is kept too, and the embedding reads its rows."""
 from __future__ import annotations
 
 import gguf
@@ -9,10 +10,10 @@ import pytest
 import torch
 
 from models.builtin import builtin_model_path
-from models.gguf_quantized import read_q4
+from models.gguf_quantized import read_q4, read_q8_0
 from models.loader import load_model
 from models.quantization import quantize_model
-from models.quantized_linear import Int4Linear
+from models.quantized_linear import Int4Linear, Int8GroupLinear, QuantizedLinear
 from server.config import EngineConfig
 from server.engine.engine import Engine
 from tests.gguf_writer import write_gguf, write_gpt2_gguf
@@ -21,9 +22,10 @@ from tests.test_quantization import needs_kernel
 
 T = gguf.GGMLQuantizationType
 DEFAULT_GGUF = builtin_model_path("smollm2-135m-instruct")
-# q/k/v Q4_0 (fused, and q/k unpermuted), gate/up Q4_1 (fused), down Q4_0, o_proj Q8_0 (not kept)
+# q/k/v Q4_0 (fused, and q/k unpermuted), gate/up Q4_1 (fused), down Q4_0, o_proj and the
+# embedding table (tied to the head) Q8_0
 MIXED = {".q_proj.": T.Q4_0, ".k_proj.": T.Q4_0, ".v_proj.": T.Q4_0, ".gate_proj.": T.Q4_1,
-         ".up_proj.": T.Q4_1, ".down_proj.": T.Q4_0, ".o_proj.": T.Q8_0}
+         ".up_proj.": T.Q4_1, ".down_proj.": T.Q4_0, ".o_proj.": T.Q8_0, "embed_tokens.": T.Q8_0}
 
 
 def _prompts(num: int) -> list[list[int]]:  # ids within SmolLM2's 49152
@@ -53,8 +55,10 @@ def mixed_gguf(tmp_path_factory):
     return path
 
 
-# GPT-2 fuses nothing: c_attn Q4_0, the MLP's c_fc Q4_1 and c_proj Q4_0, attention's c_proj Q8_0
-GPT2_TYPES = {".attn.c_attn.": T.Q4_0, ".mlp.c_fc.": T.Q4_1, ".mlp.c_proj.": T.Q4_0, ".attn.c_proj.": T.Q8_0}
+# GPT-2 fuses nothing: c_attn Q4_0, the MLP's c_fc Q4_1 and c_proj Q4_0, attention's c_proj and
+# the token embedding (tied to the head) Q8_0; the position embedding stays float
+GPT2_TYPES = {".attn.c_attn.": T.Q4_0, ".mlp.c_fc.": T.Q4_1, ".mlp.c_proj.": T.Q4_0, ".attn.c_proj.": T.Q8_0,
+              ".wte.": T.Q8_0}
 
 
 @pytest.fixture(scope="module")
@@ -70,20 +74,29 @@ def gpt2_gguf(tmp_path_factory):
     return path
 
 
-def test_gpt2_gguf_keeps_its_4_bit_layers_as_the_file_stores_them(gpt2_gguf):
-    """Every Q4_0/Q4_1 linear of a GPT-2 file is kept (biases beside it), equal to the dequantizing
-    loader's weight; the Q8_0 attention projection and the tied head stay float."""
+def _kept(model) -> dict[str, QuantizedLinear]:
+    return {name: m.kernel for name, m in model.named_modules() if isinstance(getattr(m, "kernel", None), QuantizedLinear)}
+
+
+def test_gpt2_gguf_keeps_its_quantized_layers_as_the_file_stores_them(gpt2_gguf):
+    """Every Q4_0/Q4_1/Q8_0 linear of a GPT-2 file is kept (biases beside it), equal to the
+    dequantizing loader's weight; so is the head tied to the Q8_0 token embedding, whose rows the
+    embedding now reads out of the head."""
     model = load_model(str(gpt2_gguf), dtype="float32", device="cpu").model
     dense = {name: m.weight.detach().clone() for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     biases = {name: m.bias.detach().clone() for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
               and m.bias is not None}
-    assert quantize_model(model, str(gpt2_gguf), "gguf") == 2 * 3  # c_attn, c_fc, mlp.c_proj per layer
-    kept = {name: m.kernel for name, m in model.named_modules() if isinstance(getattr(m, "kernel", None), Int4Linear)}
-    assert sorted(kept) == sorted(n for n in dense if n != "lm_head" and ".attn.c_proj" not in n)
+    assert quantize_model(model, str(gpt2_gguf), "gguf") == 2 * 4 + 1  # c_attn, c_proj, c_fc, c_proj; the head
+    kept = _kept(model)
+    assert sorted(kept) == sorted(dense)
     for name, layer in kept.items():
+        assert isinstance(layer, Int8GroupLinear if "attn.c_proj" in name or name == "lm_head" else Int4Linear), name
         assert torch.equal(layer.dequantize(), dense[name]), name
-        assert torch.equal(layer.bias, biases[name].float()), name
-    assert model.transformer.h[0].attn.c_proj.kernel is None and model.lm_head.kernel is None
+        if name in biases:
+            assert torch.equal(layer.bias, biases[name].float()), name
+    ids = torch.tensor([0, 5, 50256, 1234])
+    assert model.transformer.wte.weight is None  # one copy of the table: the head's
+    assert torch.equal(model.transformer.wte(ids), dense["lm_head"][ids])
 
 
 def test_default_models_q4_1_tensors_equal_gguf_dequantization():
@@ -96,6 +109,15 @@ def test_default_models_q4_1_tensors_equal_gguf_dequantization():
         assert torch.equal(_dequantized(v, scale, minimum), _gguf_dequantized(tensor)), tensor.name
 
 
+def test_default_models_q8_0_embedding_equals_gguf_dequantization():
+    tensor = next(t for t in gguf.GGUFReader(DEFAULT_GGUF).tensors if t.name == "token_embd.weight")
+    assert tensor.tensor_type == T.Q8_0
+    q, scale = read_q8_0(tensor)
+    assert q.dtype == torch.int8 and q.shape == (49152, 576) and scale.shape == (49152, 576 // 32)
+    assert torch.equal((q.float().view(49152, -1, 32) * scale.float()[..., None]).view(49152, 576),
+                       _gguf_dequantized(tensor))
+
+
 def test_q4_0_tensors_equal_gguf_dequantization(mixed_gguf):
     tensors = [t for t in gguf.GGUFReader(mixed_gguf).tensors if t.tensor_type == T.Q4_0]
     assert len(tensors) == 2 * 4  # q, k, v, down in each of 2 layers
@@ -105,17 +127,18 @@ def test_q4_0_tensors_equal_gguf_dequantization(mixed_gguf):
 
 def test_kept_layers_hold_the_files_weights_after_renames_unpermutes_and_fusions(mixed_gguf):
     """Loaded in float32, each linear holds gguf's dequantization of its tensors (fused and
-    unpermuted by the loader); after --quantization gguf each Int4Linear dequantizes to exactly
-    that, and the Q8_0 o_proj stays a float layer."""
+    unpermuted by the loader); after --quantization gguf each kept layer (Int4Linear for Q4_0 /
+    Q4_1, Int8GroupLinear for the Q8_0 o_proj and the head tied to the Q8_0 table) dequantizes
+    to exactly that."""
     model = load_model(str(mixed_gguf), dtype="float32", device="cpu").model
     loaded_weights = {name: m.weight.detach().clone() for name, m in model.named_modules()
                       if isinstance(m, torch.nn.Linear)}
-    assert quantize_model(model, str(mixed_gguf), "gguf") == 2 * 3  # qkv, gate_up, down per layer
-    kept = {name: m.kernel for name, m in model.named_modules() if isinstance(getattr(m, "kernel", None), Int4Linear)}
-    assert sorted(kept) == sorted(n for n in loaded_weights if "o_proj" not in n and n != "lm_head")
+    assert quantize_model(model, str(mixed_gguf), "gguf") == 2 * 4 + 1  # qkv, o, gate_up, down; the head
+    kept = _kept(model)
+    assert sorted(kept) == sorted(loaded_weights)
     for name, layer in kept.items():
+        assert isinstance(layer, Int8GroupLinear if "o_proj" in name or name == "lm_head" else Int4Linear), name
         assert torch.equal(layer.dequantize(), loaded_weights[name]), name
-    assert model.get_submodule("model.layers.0.self_attn.o_proj").kernel is None  # Q8_0: a float layer
 
 
 @pytest.mark.parametrize("file", ["mixed_gguf", "gpt2_gguf"])
@@ -132,13 +155,15 @@ def test_greedy_output_equals_the_dequantized_model(file, request):
 
 @needs_kernel
 def test_kernel_serves_the_default_model_like_the_reference_path():
-    """The real SmolLM2 GGUF (every linear Q4_1), bf16, two layers: the 4-bit kernel and the
-    PyTorch reference give the same greedy tokens."""
+    """The real SmolLM2 GGUF (every linear Q4_1, the tied embedding and head Q8_0), bf16, two
+    layers: the kernels and the PyTorch reference give the same greedy tokens."""
     outputs = []
     for fast in (False, True):
         loaded = load_model("smollm2-135m-instruct", dtype="bfloat16", device="cpu", overrides={"layers": "2"})
         engine = Engine(loaded, EngineConfig(num_kv_blocks=64, block_size=4, quantization="gguf", fast_kernels=fast))
         assert sum(isinstance(m, Int4Linear) for m in engine.runner.model.modules()) == 2 * 4
+        assert isinstance(engine.runner.model.lm_head.kernel, Int8GroupLinear)
+        assert (engine.runner.model.lm_head.kernel.kernel is not None) == fast
         outputs.append([c[0].token_ids for c in engine.generate(_prompts(3), greedy())])
     assert outputs[0] == outputs[1]
 
@@ -153,3 +178,41 @@ def test_tensor_parallel_is_refused_before_any_worker_starts(mixed_gguf):
     loaded = load_model(str(mixed_gguf), dtype="float32", device="cpu")
     with pytest.raises(ValueError, match="--quantization gguf keeps the file's tensors whole"):
         Engine(loaded, EngineConfig(num_kv_blocks=16, quantization="gguf", tensor_parallel_size=2))
+
+
+def _q8_0_layer(shape: tuple[int, int], bias: bool, use_kernel: bool) -> tuple[Int8GroupLinear, torch.Tensor]:
+    """A Q8_0-style layer (int8 values, an fp16 scale per 32 along K) and its exact weight."""
+    torch.manual_seed(shape[0] + shape[1])
+    linear = torch.nn.Linear(*shape, bias=bias).to(torch.bfloat16)
+    n, k = shape[1], shape[0]
+    q = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    scale = (torch.rand(n, k // 32) * 1e-3 + 1e-4).half()  # (N, groups): groups of very different size
+    exact = (q.double().view(n, -1, 32) * scale.double()[..., None]).view(n, k)
+    return Int8GroupLinear(linear, 32, (q, scale), use_kernel=use_kernel), exact
+
+
+@pytest.mark.parametrize("use_kernel", [False, pytest.param(True, marks=needs_kernel)])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 13, 64])
+@pytest.mark.parametrize("shape,bias", [((128, 96), True), ((96, 100), False), ((576, 1536), True)])
+def test_q8_0_layer_equals_exact_math(use_kernel, rows, shape, bias):
+    """Both paths of Int8GroupLinear, at row counts across the kernel's 3-row tile, with N padded
+    to whole 64-column blocks (100): within bf16 rounding of the fp64 result."""
+    layer, w = _q8_0_layer(shape, bias, use_kernel)
+    assert (layer.kernel is not None) == use_kernel
+    x = torch.randn(rows, shape[0]).to(torch.bfloat16)
+    expected = x.double() @ w.T + (layer.bias.double() if bias else 0)
+    tolerance = dict(atol=1e-2 * expected.abs().max().item(), rtol=1e-2)
+    torch.testing.assert_close(layer(x).double(), expected, **tolerance)
+    torch.testing.assert_close(layer.forward_gelu_tanh(x).double(), torch.nn.functional.gelu(expected, approximate="tanh"),
+                               **tolerance)
+    assert torch.equal(layer.dequantize().double(), w)
+    rows_asked = torch.tensor([shape[1] - 1, 0, 63, 64 % shape[1]])
+    assert torch.equal(layer.dequantize(rows_asked).double(), w[rows_asked])
+
+
+@needs_kernel
+def test_q8_0_kernel_rows_do_not_depend_on_their_batch():
+    layer, _ = _q8_0_layer((576, 1536), True, True)
+    x = torch.randn(20, 576).to(torch.bfloat16)
+    alone = torch.cat([layer(x[i:i + 1]) for i in range(20)])
+    assert torch.equal(layer(x), alone) and torch.equal(layer(x[:5]), alone[:5])

@@ -17,6 +17,11 @@
 //   kWidenRows rows widen in registers as they stream (once per row tile); more rows (prefill,
 //   big decode batches) widen each 64-column block once into a bf16 scratch that stays in L2,
 //   and every row tile reads that.
+//
+// int8_group_linear: the same bytes with one fp16 scale d per group of G weights along K instead
+// of one per channel (GGUF's Q8_0 at G = 32: w = d q), scale (N / 64 blocks, K / G groups, 64)
+// like int4_linear.cpp's. Each group's products sum apart and fold into the totals with their
+// own scale, so at most kGroupRowTile rows share a pass over the weights.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -40,6 +45,47 @@ void widen_block(const char* block, int64_t K, char* out) {
     _mm512_storeu_si512(out + 2 * i, (__m512i)int8x32_to_bf16(block + i));
   }
 }
+
+constexpr int kGroupRowTile = 3;  // 3 rows x (4 totals + 4 group sums) + 4 weight vectors
+
+// Rows [0, kRows) of x times one block of grouped int8 weights -> acc (scales applied).
+template <int kRows>
+void dot_block_grouped(const at::BFloat16* x, int64_t K, int64_t G, const char* block, const at::Half* scale,
+                       int64_t groups, const char* stream_end, __m512 (&acc)[kRowTile][4]) {
+  static_assert(kRows >= 1 && kRows <= kGroupRowTile);
+  __m512 c[kRows][4];
+  for (int r = 0; r < kRows; ++r) for (int q = 0; q < 4; ++q) c[r][q] = _mm512_setzero_ps();
+  const int64_t pairs_per_group = G / 2;
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512 s[kRows][4];
+    for (int r = 0; r < kRows; ++r) for (int q = 0; q < 4; ++q) s[r][q] = _mm512_setzero_ps();
+    for (int64_t pp = 0; pp < pairs_per_group; ++pp, block += 128) {
+      if ((pp & 7) == 0 && block + kPrefetchBytes < stream_end) _mm_prefetch(block + kPrefetchBytes, _MM_HINT_T1);
+      const __m512bh w0 = int8x32_to_bf16(block), w1 = int8x32_to_bf16(block + 32);
+      const __m512bh w2 = int8x32_to_bf16(block + 64), w3 = int8x32_to_bf16(block + 96);
+      const int64_t p = g * pairs_per_group + pp;
+      for (int r = 0; r < kRows; ++r) {
+        int32_t pair;
+        std::memcpy(&pair, x + r * K + 2 * p, sizeof(pair));
+        const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
+        s[r][0] = _mm512_dpbf16_ps(s[r][0], a, w0);
+        s[r][1] = _mm512_dpbf16_ps(s[r][1], a, w1);
+        s[r][2] = _mm512_dpbf16_ps(s[r][2], a, w2);
+        s[r][3] = _mm512_dpbf16_ps(s[r][3], a, w3);
+      }
+    }
+    for (int q = 0; q < 4; ++q) {
+      const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scale + g * kCols + 16 * q)));
+      for (int r = 0; r < kRows; ++r) c[r][q] = _mm512_fmadd_ps(s[r][q], d, c[r][q]);
+    }
+  }
+  for (int r = 0; r < kRows; ++r) for (int q = 0; q < 4; ++q) acc[r][q] = c[r][q];
+}
+
+using GroupedDotBlock = void (*)(const at::BFloat16*, int64_t, int64_t, const char*, const at::Half*, int64_t,
+                                 const char*, __m512 (&)[kRowTile][4]);
+constexpr GroupedDotBlock kGroupedDotBlock[kGroupRowTile + 1] = {nullptr, dot_block_grouped<1>, dot_block_grouped<2>,
+                                                                 dot_block_grouped<3>};
 
 }  // namespace
 
@@ -88,11 +134,52 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor qweight, torch::Tensor 
   return y;
 }
 
+torch::Tensor int8_group_linear(torch::Tensor x, torch::Tensor qweight, torch::Tensor scale,
+                                c10::optional<torch::Tensor> bias, int64_t N, int64_t group_size, int64_t activation) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "bf16 (M, K) input");
+  x = x.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), G = group_size;
+  const int64_t n_blocks = (N + kCols - 1) / kCols, groups = K / G;
+  TORCH_CHECK(G % 2 == 0 && K % G == 0, "K must be a multiple of the group size, itself even");
+  TORCH_CHECK(qweight.scalar_type() == at::kChar && qweight.is_contiguous() && qweight.numel() == n_blocks * kCols * K,
+              "int8 weight of (N padded to 64) x K elements in 64-column blocks");
+  TORCH_CHECK(scale.scalar_type() == at::kHalf && scale.is_contiguous() && scale.numel() == n_blocks * groups * kCols,
+              "float16 (blocks, groups, 64) scales");
+  const float* bp = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N, "float32 (N,) bias");
+    bp = bias->data_ptr<float>();
+  }
+  auto y = torch::empty({M, N}, x.options());
+  const char* w = reinterpret_cast<const char*>(qweight.data_ptr<int8_t>());
+  const at::Half* sp = scale.data_ptr<at::Half>();
+  const int64_t block_bytes = K * kCols;
+  const at::BFloat16* xp = x.data_ptr<at::BFloat16>();
+  at::BFloat16* yp = y.data_ptr<at::BFloat16>();
+  at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
+    const char* stream_end = w + end * block_bytes;
+    __m512 acc[kRowTile][4];
+    for (int64_t jb = begin; jb < end; ++jb) {
+      for (int64_t m0 = 0; m0 < M; m0 += kGroupRowTile) {
+        const int rows = static_cast<int>(std::min<int64_t>(kGroupRowTile, M - m0));
+        kGroupedDotBlock[rows](xp + m0 * K, K, G, w + jb * block_bytes, sp + jb * groups * kCols, groups, stream_end, acc);
+        store_block(acc, rows, nullptr, bp, activation, yp + m0 * N, N, jb * kCols, N);
+      }
+    }
+  });
+  return y;
+}
+
 #else  // built without AVX512-BF16: the Python side keeps its PyTorch path
 
 bool int8_linear_available() { return false; }
 
 torch::Tensor int8_linear(torch::Tensor, torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>, int64_t, int64_t) {
+  TORCH_CHECK(false, "built without AVX512-BF16 support");
+}
+
+torch::Tensor int8_group_linear(torch::Tensor, torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>, int64_t,
+                                int64_t, int64_t) {
   TORCH_CHECK(false, "built without AVX512-BF16 support");
 }
 
@@ -102,4 +189,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_linear_available", &int8_linear_available, "whether this build has the AVX512-BF16 path");
   m.def("int8_linear", &int8_linear, py::call_guard<py::gil_scoped_release>(),
         "y = act((x @ Q^T) * scale + b) for an int8 weight in 64-column blocks of k-pairs");
+  m.def("int8_group_linear", &int8_group_linear, py::call_guard<py::gil_scoped_release>(),
+        "y = act(x @ W^T + b) for W = scale * Q, one scale per group of K (GGUF Q8_0), same layout");
 }
