@@ -21,7 +21,8 @@
 // int8_group_linear: the same bytes with one fp16 scale d per group of G weights along K instead
 // of one per channel (GGUF's Q8_0 at G = 32: w = d q), scale (N / 64 blocks, K / G groups, 64)
 // like int4_linear.cpp's. Each group's products sum apart and fold into the totals with their
-// own scale, so at most kGroupRowTile rows share a pass over the weights.
+// own scale, so at most kGroupRowTile rows share a pass over the weights; with more rows each
+// block is widened once into the L2 scratch and every row tile reads that.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -48,10 +49,13 @@ void widen_block(const char* block, int64_t K, char* out) {
 
 constexpr int kGroupRowTile = 3;  // 3 rows x (4 totals + 4 group sums) + 4 weight vectors
 
-// Rows [0, kRows) of x times one block of grouped int8 weights -> acc (scales applied).
-template <int kRows>
+// Rows [0, kRows) of x times one block of grouped int8 weights -> acc (scales applied). kWidened:
+// the block was widened to bf16 once (widen_block) and is read from that L2 copy, which gives
+// the same products in the same order: a row's result does not depend on the batch.
+template <int kRows, bool kWidened>
 void dot_block_grouped(const at::BFloat16* x, int64_t K, int64_t G, const char* block, const at::Half* scale,
                        int64_t groups, const char* stream_end, __m512 (&acc)[kRowTile][4]) {
+  constexpr int64_t kPairBytes = kWidened ? 256 : 128;
   static_assert(kRows >= 1 && kRows <= kGroupRowTile);
   __m512 c[kRows][4];
   for (int r = 0; r < kRows; ++r) for (int q = 0; q < 4; ++q) c[r][q] = _mm512_setzero_ps();
@@ -59,10 +63,16 @@ void dot_block_grouped(const at::BFloat16* x, int64_t K, int64_t G, const char* 
   for (int64_t g = 0; g < groups; ++g) {
     __m512 s[kRows][4];
     for (int r = 0; r < kRows; ++r) for (int q = 0; q < 4; ++q) s[r][q] = _mm512_setzero_ps();
-    for (int64_t pp = 0; pp < pairs_per_group; ++pp, block += 128) {
-      if ((pp & 7) == 0 && block + kPrefetchBytes < stream_end) _mm_prefetch(block + kPrefetchBytes, _MM_HINT_T1);
-      const __m512bh w0 = int8x32_to_bf16(block), w1 = int8x32_to_bf16(block + 32);
-      const __m512bh w2 = int8x32_to_bf16(block + 64), w3 = int8x32_to_bf16(block + 96);
+    for (int64_t pp = 0; pp < pairs_per_group; ++pp, block += kPairBytes) {
+      __m512bh w0, w1, w2, w3;
+      if constexpr (kWidened) {
+        w0 = (__m512bh)_mm512_loadu_si512(block), w1 = (__m512bh)_mm512_loadu_si512(block + 64);
+        w2 = (__m512bh)_mm512_loadu_si512(block + 128), w3 = (__m512bh)_mm512_loadu_si512(block + 192);
+      } else {
+        if ((pp & 7) == 0 && block + kPrefetchBytes < stream_end) _mm_prefetch(block + kPrefetchBytes, _MM_HINT_T1);
+        w0 = int8x32_to_bf16(block), w1 = int8x32_to_bf16(block + 32);
+        w2 = int8x32_to_bf16(block + 64), w3 = int8x32_to_bf16(block + 96);
+      }
       const int64_t p = g * pairs_per_group + pp;
       for (int r = 0; r < kRows; ++r) {
         int32_t pair;
@@ -84,8 +94,9 @@ void dot_block_grouped(const at::BFloat16* x, int64_t K, int64_t G, const char* 
 
 using GroupedDotBlock = void (*)(const at::BFloat16*, int64_t, int64_t, const char*, const at::Half*, int64_t,
                                  const char*, __m512 (&)[kRowTile][4]);
-constexpr GroupedDotBlock kGroupedDotBlock[kGroupRowTile + 1] = {nullptr, dot_block_grouped<1>, dot_block_grouped<2>,
-                                                                 dot_block_grouped<3>};
+template <bool kWidened>
+constexpr GroupedDotBlock kGroupedDotBlock[kGroupRowTile + 1] = {
+    nullptr, dot_block_grouped<1, kWidened>, dot_block_grouped<2, kWidened>, dot_block_grouped<3, kWidened>};
 
 }  // namespace
 
@@ -156,13 +167,22 @@ torch::Tensor int8_group_linear(torch::Tensor x, torch::Tensor qweight, torch::T
   const int64_t block_bytes = K * kCols;
   const at::BFloat16* xp = x.data_ptr<at::BFloat16>();
   at::BFloat16* yp = y.data_ptr<at::BFloat16>();
+  const bool widen = M > kGroupRowTile;  // more than one row tile: widen each block once, not per tile
   at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
     const char* stream_end = w + end * block_bytes;
     __m512 acc[kRowTile][4];
+    std::vector<at::BFloat16> widened(widen ? K * kCols : 0);  // one block in bf16, per thread
+    char* scratch = reinterpret_cast<char*>(widened.data());
     for (int64_t jb = begin; jb < end; ++jb) {
+      if (widen) widen_block(w + jb * block_bytes, K, scratch);
       for (int64_t m0 = 0; m0 < M; m0 += kGroupRowTile) {
         const int rows = static_cast<int>(std::min<int64_t>(kGroupRowTile, M - m0));
-        kGroupedDotBlock[rows](xp + m0 * K, K, G, w + jb * block_bytes, sp + jb * groups * kCols, groups, stream_end, acc);
+        const at::Half* block_scale = sp + jb * groups * kCols;
+        if (widen) {
+          kGroupedDotBlock<true>[rows](xp + m0 * K, K, G, scratch, block_scale, groups, nullptr, acc);
+        } else {
+          kGroupedDotBlock<false>[rows](xp + m0 * K, K, G, w + jb * block_bytes, block_scale, groups, stream_end, acc);
+        }
         store_block(acc, rows, nullptr, bp, activation, yp + m0 * N, N, jb * kCols, N);
       }
     }
