@@ -22,8 +22,7 @@ import torch.nn as nn
 from models.builtin import DEFAULT_MODEL, builtin_model_path
 from models.layers import Embedding, Linear
 from models.gguf_checkpoint import SUPPORTED_ARCHS, GGUFMetadata, gguf_state_dict
-from models.quantization import QuantizedEmbedding
-from models.quantized_linear import Int4Linear, Int8GroupLinear
+from models.quantized_linear import Int4Linear, Int8GroupLinear, QuantizedEmbedding, QuantizedLinear
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +95,11 @@ def keep_gguf_weights(model: nn.Module, spec: str, use_kernel: bool = True) -> i
             linear.use_kernel(quantized)
             kept += 1
     others = sum(1 for m in model.modules() if isinstance(m, Linear) and m.kernel is None)
-    log.info("kept %d linear layers as the GGUF stores them (Q4_0/Q4_1/Q8_0, groups of 32); %d in the model "
-             "dtype (tensors of other types)", kept, others)
+    on_kernel = sum(1 for m in model.modules() if isinstance(getattr(m, "kernel", None), QuantizedLinear)
+                    and m.kernel.kernel is not None)
+    log.info("kept %d linear layers as the GGUF stores them (Q4_0/Q4_1/Q8_0, groups of 32; %d on the AVX512-BF16 "
+             "kernels, %d on the PyTorch reference path); %d in the model dtype (tensors of other types, or fused "
+             "with one)", kept, on_kernel, kept - on_kernel, others)
     return kept
 
 
@@ -115,13 +117,16 @@ def _tied_embeddings(model: nn.Module, linear: Linear) -> list[Embedding]:
 
 
 def _add_tied_head(model: nn.Module, by_layer: dict[str, tuple]) -> None:
-    """A head tied to a kept embedding table has no tensor of its own in the file: it gets the table's."""
+    """A tied head computes with the embedding table, as the loader made it, whatever `output.weight`
+    a file also carries (llama.cpp writes GPT-2's twice): it gets the table's parts, or none."""
     head = getattr(model, "lm_head", None)
-    if not isinstance(head, Linear) or "lm_head" in by_layer:
+    if not isinstance(head, Linear) or head.kernel is not None:
         return
     for name, module in model.named_modules():
-        if isinstance(module, Embedding) and module.weight is head.weight and name in by_layer:
-            by_layer["lm_head"] = by_layer[name]
+        if isinstance(module, Embedding) and module.kernel is None and module.weight is head.weight:
+            by_layer.pop("lm_head", None)
+            if name in by_layer:
+                by_layer["lm_head"] = by_layer[name]
 
 
 def _fusion_complete(name: str, tensors: dict) -> bool:

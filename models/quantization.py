@@ -7,9 +7,8 @@
 
 Activations stay bf16 (or fp32). Every Linear hands its matmul to a quantized kernel module
 (models/quantized_linear.py), the LM head included; a token embedding tied to the head reads
-its rows out of the quantized head
-(`QuantizedEmbedding`), so the table is stored once. MoE routed experts (stacked tensors, not
-nn.Linear) and the router keep the model dtype.
+its rows out of the quantized head (`QuantizedEmbedding`), so the table is stored once. MoE
+routed experts (stacked tensors, not nn.Linear) and the router keep the model dtype.
 """
 from __future__ import annotations
 
@@ -19,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from models.layers import Embedding, Linear, dense_layers
-from models.quantized_linear import Int4Linear, Int8Linear, QuantizedLinear
+from models.quantized_linear import Int4Linear, Int8Linear, QuantizedEmbedding, QuantizedLinear
 
 log = logging.getLogger(__name__)
 
@@ -66,20 +65,6 @@ def make_quantized(linear: nn.Linear, method: str, use_kernel: bool = True) -> Q
     if method == "int8":
         return Int8Linear(linear, use_kernel)
     return Int4Linear(linear, group_size(method), use_kernel)
-
-
-class QuantizedEmbedding(nn.Module):
-    """Token embedding read out of a tied, quantized LM head: row n is the head's row n."""
-
-    def __init__(self, head: QuantizedLinear, dtype: torch.dtype):
-        super().__init__()
-        self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
-        self._owner = (head,)  # keeps the head's weights alive without registering them twice
-        self.dtype = dtype
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = self._owner[0].dequantize(ids.reshape(-1)).to(self.dtype)  # (T, C)
-        return rows.reshape(*ids.shape, self.embedding_dim)
 
 
 def quantize_linear_layers(model: nn.Module, method: str, use_kernel: bool = True) -> int:

@@ -74,6 +74,20 @@ class QuantizedLinear(nn.Module, ABC):
         """The C++ kernel on bf16 rows (M, K) -> (M, N), activation code fused."""
 
 
+class QuantizedEmbedding(nn.Module):
+    """Token embedding read out of a tied, quantized LM head: row n is the head's row n."""
+
+    def __init__(self, head: QuantizedLinear, dtype: torch.dtype):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
+        self._owner = (head,)  # keeps the head's weights alive without registering them twice
+        self.dtype = dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self._owner[0].dequantize(ids.reshape(-1)).to(self.dtype)  # (T, C)
+        return rows.reshape(*ids.shape, self.embedding_dim)
+
+
 # ---- int8 -------------------------------------------------------------------------------------
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,6 +161,9 @@ class Int8GroupLinear(QuantizedLinear):
             raise ValueError(f"{self.in_features} input features do not split into even groups of {group_size}")
         self.group_size = group_size
         q, scale = parts
+        n, k = self.out_features, self.in_features
+        assert q.shape == (n, k) and q.dtype == torch.int8, (q.shape, q.dtype)
+        assert scale.shape == (n, k // group_size) and scale.dtype == torch.float16, (scale.shape, scale.dtype)
         self.qweight = _frozen(PAIRS64_LAYOUT.order(q))  # (ceil(N/64) 64 K,) int8
         self.scale = _frozen(to_blocks(scale))             # (ceil(N/64), groups, 64) fp16
         on_cpu = linear.weight.device.type == "cpu"

@@ -183,10 +183,12 @@ def write_deepseek2_gguf(path, hf_model, tokenizer_source: str, split_kv_b: bool
     writer.close()
 
 
-def write_gpt2_gguf(path, model, vocab: dict, types: dict[str, gguf.GGMLQuantizationType]) -> None:
+def write_gpt2_gguf(path, model, vocab: dict, types: dict[str, gguf.GGMLQuantizationType],
+                    output: gguf.GGMLQuantizationType | None = None) -> None:
     """A nanoserve GPT-2 as llama.cpp's converter lays one out: fused attn_qkv, weights (out, in)
     (the converter transposes HF's Conv1D), biases, position_embd, the LM head tied to
-    token_embd. vocab: tokenizer.ggml.* fields; types: tensor type by a substring of our name."""
+    token_embd. vocab: tokenizer.ggml.* fields; types: tensor type by a substring of our name;
+    output: also write the head as `output.weight` of this type (the converter's duplicate)."""
     from models.gguf_checkpoint import GPT2_LAYER_NAMES, GPT2_NAMES
 
     cfg = model.config
@@ -208,6 +210,9 @@ def write_gpt2_gguf(path, model, vocab: dict, types: dict[str, gguf.GGMLQuantiza
     for name, tensor in model.state_dict().items():
         stem, kind = name.rsplit(".", 1)
         if stem == "lm_head":
+            if output is not None:
+                q = gguf.quants.quantize(tensor.detach().float().numpy(), output)
+                writer.add_tensor("output.weight", q, raw_shape=q.shape, raw_dtype=output)
             continue  # tied
         if stem in top:
             gguf_name = f"{top[stem]}.{kind}"

@@ -28,8 +28,9 @@ def test_calls_run_in_order_on_one_thread_and_errors_reach_the_caller():
     with pytest.raises(ZeroDivisionError):
         failing.result(timeout=10)
     thread.close()
-    thread._thread.join(timeout=10)
-    assert not thread.is_alive()
+    with pytest.raises(RuntimeError, match="closed"):
+        thread.submit(print)  # would never run
+    assert thread.join(timeout=10)
 
 
 def _generate(build_on_engine_thread: bool) -> list[int]:

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 
 from models.cpu_kernels import can_build
 from models.loader import load_model
-from models.quantization import QuantizedEmbedding, make_quantized, quantize_linear_layers
-from models.quantized_linear import (Int4Linear, Int8Linear, QuantizedLinear, int4_kernel, int8_kernel,
-                                     pack_nibbles, quantize_int4, quantize_int8, unpack_nibbles)
+from models.quantization import make_quantized, quantize_linear_layers
+from models.quantized_linear import (Int4Linear, Int8Linear, QuantizedEmbedding, QuantizedLinear, int4_kernel,
+                                     int8_kernel, pack_nibbles, quantize_int4, quantize_int8, unpack_nibbles)
 from server.config import EngineConfig
 from server.engine.engine import Engine
 from server.engine.speculative import SpeculativeConfig, draft_quantization

@@ -1,5 +1,5 @@
 // Linear layers over int8 weights (weight-only quantization, one fp32 scale per output
-// channel), dequantized in registers: the int8 stream is half the bytes of bf16, and decode steps
+// channel, or one fp16 scale per group of K: GGUF's Q8_0), dequantized in registers: the int8 stream is half the bytes of bf16, and decode steps
 // are bound by streaming the weights. Needs AVX512-BF16 (AMD Zen 4/5, Intel Cooper Lake and every
 // AMX CPU); elsewhere the Python side keeps its PyTorch reference path.
 //
@@ -69,7 +69,9 @@ void dot_block_grouped(const at::BFloat16* x, int64_t K, int64_t G, const char* 
         w0 = (__m512bh)_mm512_loadu_si512(block), w1 = (__m512bh)_mm512_loadu_si512(block + 64);
         w2 = (__m512bh)_mm512_loadu_si512(block + 128), w3 = (__m512bh)_mm512_loadu_si512(block + 192);
       } else {
-        if ((pp & 7) == 0 && block + kPrefetchBytes < stream_end) _mm_prefetch(block + kPrefetchBytes, _MM_HINT_T1);
+        if (((g * pairs_per_group + pp) & 7) == 0 && block + kPrefetchBytes < stream_end) {
+          _mm_prefetch(block + kPrefetchBytes, _MM_HINT_T1);  // one 1 KiB step of the stream at a time
+        }
         w0 = int8x32_to_bf16(block), w1 = int8x32_to_bf16(block + 32);
         w2 = int8x32_to_bf16(block + 64), w3 = int8x32_to_bf16(block + 96);
       }
@@ -150,8 +152,8 @@ torch::Tensor int8_group_linear(torch::Tensor x, torch::Tensor qweight, torch::T
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "bf16 (M, K) input");
   x = x.contiguous();
   const int64_t M = x.size(0), K = x.size(1), G = group_size;
+  TORCH_CHECK(G > 0 && G % 2 == 0 && K % G == 0, "K must be a multiple of the group size, itself even");
   const int64_t n_blocks = (N + kCols - 1) / kCols, groups = K / G;
-  TORCH_CHECK(G % 2 == 0 && K % G == 0, "K must be a multiple of the group size, itself even");
   TORCH_CHECK(qweight.scalar_type() == at::kChar && qweight.is_contiguous() && qweight.numel() == n_blocks * kCols * K,
               "int8 weight of (N padded to 64) x K elements in 64-column blocks");
   TORCH_CHECK(scale.scalar_type() == at::kHalf && scale.is_contiguous() && scale.numel() == n_blocks * groups * kCols,

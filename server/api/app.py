@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -48,8 +49,8 @@ def build_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
 def _lifespan(config: ServerConfig, engine: Engine | None):
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if engine is not None:
-            _start_serving(app, engine, thread)
+        if engine is not None:  # built by the caller, on its thread: AsyncEngine warns about that
+            _start_serving(app, engine)
             loading = None
         else:  # load in the background so /health can say 503 meanwhile
             loading = asyncio.create_task(_load_and_serve(app, config))
@@ -69,9 +70,11 @@ def _lifespan(config: ServerConfig, engine: Engine | None):
 
 async def _load_and_serve(app: FastAPI, config: ServerConfig) -> None:
     thread = EngineThread()  # loads the model, then runs the engine loop (engine_thread.py: why one)
+    building = thread.submit(_build_engine, config)
     try:
-        engine = await asyncio.wrap_future(thread.submit(_build_engine, config))
-    except asyncio.CancelledError:  # the server stops while loading: the thread ends after the load
+        engine = await asyncio.wrap_future(building)
+    except asyncio.CancelledError:  # the server stops while loading: close what the load still builds
+        building.add_done_callback(_close_if_built)
         thread.close()
         raise
     except Exception as error:  # noqa: BLE001 - report and stop the server, do not hang at 503
@@ -85,6 +88,11 @@ async def _load_and_serve(app: FastAPI, config: ServerConfig) -> None:
         thread.close()
         return
     _start_serving(app, engine, thread)
+
+
+def _close_if_built(building: Future) -> None:
+    if not building.cancelled() and building.exception() is None:
+        building.result().close()  # tensor-parallel workers, shared memory
 
 
 def _build_engine(config: ServerConfig) -> Engine:

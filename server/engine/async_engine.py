@@ -8,9 +8,9 @@
     abort() -- inbox under a Condition ------------>  engine.abort()
 
 One thread owns the Engine; handlers never touch engine state. It is an EngineThread, which the
-server also loads the model on (engine_thread.py says why torch wants a single thread). Each HTTP request gets one
-asyncio.Queue (in its RequestStream); the thread hands a whole step's deltas to the loop with a
-single `call_soon_threadsafe`. With nothing to do the thread sleeps on the Condition (no busy
+server also loads the model on (engine_thread.py says why torch wants a single thread). Each
+HTTP request gets one asyncio.Queue (in its RequestStream); the thread hands a whole step's
+deltas to the loop with a single `call_soon_threadsafe`. With nothing to do the thread sleeps on the Condition (no busy
 spin). If the thread dies, every open stream and pending add gets EngineDeadError and
 `is_healthy` turns False.
 """
@@ -123,8 +123,8 @@ class AsyncEngine:
 
     def start(self, thread: EngineThread | None = None) -> None:
         """Run the engine loop on `thread` (the one that built the engine; a new one if None);
-        call from the event loop that will consume the streams. The loop owns the thread from now
-        on and closes it when it stops."""
+        call from the event loop that will consume the streams. The thread is closed at once: it
+        takes no other call and ends when the loop returns."""
         self._loop = asyncio.get_running_loop()
         self._thread = thread or EngineThread()
         self._running = self._thread.submit(self._run)

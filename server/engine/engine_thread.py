@@ -22,21 +22,32 @@ class EngineThread:
 
     def __init__(self, name: str = "engine-loop"):
         self._calls: queue.SimpleQueue[tuple[Future, Callable, tuple] | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._closed = False
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
         self._thread.start()
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
-        """Queue fn(*args); its result (or exception) arrives in the returned future."""
+        """Queue fn(*args); its result (or exception) arrives in the returned future.
+        RuntimeError once closed: the call would never run."""
         future: Future = Future()
-        self._calls.put((future, fn, args))
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("this EngineThread is closed")
+            self._calls.put((future, fn, args))
         return future
 
     def close(self) -> None:
-        """Let the thread end once the calls queued so far have run."""
-        self._calls.put(None)
+        """Take no more calls; the thread ends once those queued so far have run."""
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._calls.put(None)
 
-    def is_alive(self) -> bool:
-        return self._thread.is_alive()
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the thread to end (after close); whether it has."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     def _serve(self) -> None:
         while (call := self._calls.get()) is not None:
