@@ -100,6 +100,13 @@ template <bool kWidened>
 constexpr GroupedDotBlock kGroupedDotBlock[kGroupRowTile + 1] = {
     nullptr, dot_block_grouped<1, kWidened>, dot_block_grouped<2, kWidened>, dot_block_grouped<3, kWidened>};
 
+// The optional float32 (N,) bias the epilogue adds, or nullptr.
+const float* float32_bias(const c10::optional<torch::Tensor>& bias, int64_t N) {
+  if (!bias.has_value() || !bias->defined()) return nullptr;
+  TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N, "float32 (N,) bias");
+  return bias->data_ptr<float>();
+}
+
 }  // namespace
 
 bool int8_linear_available() { return true; }
@@ -114,11 +121,7 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor qweight, torch::Tensor 
   TORCH_CHECK(qweight.scalar_type() == at::kChar && qweight.is_contiguous() && qweight.numel() == n_blocks * kCols * K,
               "int8 weight of (N padded to 64) x K elements in 64-column blocks");
   TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == N, "float32 (N,) scale");
-  const float* bp = nullptr;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N, "float32 (N,) bias");
-    bp = bias->data_ptr<float>();
-  }
+  const float* bp = float32_bias(bias, N);
   auto y = torch::empty({M, N}, x.options());
   const char* w = reinterpret_cast<const char*>(qweight.data_ptr<int8_t>());
   const float* sp = scale.data_ptr<float>();
@@ -158,11 +161,7 @@ torch::Tensor int8_group_linear(torch::Tensor x, torch::Tensor qweight, torch::T
               "int8 weight of (N padded to 64) x K elements in 64-column blocks");
   TORCH_CHECK(scale.scalar_type() == at::kHalf && scale.is_contiguous() && scale.numel() == n_blocks * groups * kCols,
               "float16 (blocks, groups, 64) scales");
-  const float* bp = nullptr;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N, "float32 (N,) bias");
-    bp = bias->data_ptr<float>();
-  }
+  const float* bp = float32_bias(bias, N);
   auto y = torch::empty({M, N}, x.options());
   const char* w = reinterpret_cast<const char*>(qweight.data_ptr<int8_t>());
   const at::Half* sp = scale.data_ptr<at::Half>();
