@@ -4,6 +4,8 @@ for bit, through every rename, llama q/k unpermutation and q/k/v or gate/up fusi
 does; a head tied to a Q8_0 embedding table is kept too, and the embedding reads its rows."""
 from __future__ import annotations
 
+import copy
+
 import gguf
 import numpy as np
 import pytest
@@ -78,25 +80,33 @@ def _kept(model) -> dict[str, QuantizedLinear]:
     return {name: m.kernel for name, m in model.named_modules() if isinstance(getattr(m, "kernel", None), QuantizedLinear)}
 
 
+def _assert_every_linear_kept(path, count: int, is_q8_0) -> tuple[torch.nn.Module, dict[str, torch.nn.Linear]]:
+    """Load `path` in float32, apply --quantization gguf: `count` layers, every linear kept, each
+    of its kind (is_q8_0(name): Int8GroupLinear, else Int4Linear) and dequantizing to exactly the
+    dequantizing loader's weight. Returns the model and copies of its float linears."""
+    model = load_model(str(path), dtype="float32", device="cpu").model
+    dense = {name: copy.deepcopy(m) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert quantize_model(model, str(path), "gguf") == count
+    kept = _kept(model)
+    assert sorted(kept) == sorted(dense)
+    for name, layer in kept.items():
+        assert isinstance(layer, Int8GroupLinear if is_q8_0(name) else Int4Linear), name
+        assert torch.equal(layer.dequantize(), dense[name].weight), name
+    return model, dense
+
+
 def test_gpt2_gguf_keeps_its_quantized_layers_as_the_file_stores_them(gpt2_gguf):
     """Every Q4_0/Q4_1/Q8_0 linear of a GPT-2 file is kept (biases beside it), equal to the
     dequantizing loader's weight; so is the head tied to the Q8_0 token embedding, whose rows the
     embedding now reads out of the head."""
-    model = load_model(str(gpt2_gguf), dtype="float32", device="cpu").model
-    dense = {name: m.weight.detach().clone() for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    biases = {name: m.bias.detach().clone() for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
-              and m.bias is not None}
-    assert quantize_model(model, str(gpt2_gguf), "gguf") == 2 * 4 + 1  # c_attn, c_proj, c_fc, c_proj; the head
-    kept = _kept(model)
-    assert sorted(kept) == sorted(dense)
-    for name, layer in kept.items():
-        assert isinstance(layer, Int8GroupLinear if "attn.c_proj" in name or name == "lm_head" else Int4Linear), name
-        assert torch.equal(layer.dequantize(), dense[name]), name
-        if name in biases:
-            assert torch.equal(layer.bias, biases[name].float()), name
+    model, dense = _assert_every_linear_kept(gpt2_gguf, 2 * 4 + 1,  # c_attn, c_proj, c_fc, c_proj; the head
+                                             lambda name: "attn.c_proj" in name or name == "lm_head")
+    for name, layer in _kept(model).items():
+        if dense[name].bias is not None:
+            assert torch.equal(layer.bias, dense[name].bias.float()), name
     ids = torch.tensor([0, 5, 50256, 1234])
     assert model.transformer.wte.weight is None  # one copy of the table: the head's
-    assert torch.equal(model.transformer.wte(ids), dense["lm_head"][ids])
+    assert torch.equal(model.transformer.wte(ids), dense["lm_head"].weight[ids])
 
 
 def test_a_tied_head_computes_with_the_table_not_a_duplicate_output_tensor(tmp_path):
@@ -147,15 +157,8 @@ def test_kept_layers_hold_the_files_weights_after_renames_unpermutes_and_fusions
     unpermuted by the loader); after --quantization gguf each kept layer (Int4Linear for Q4_0 /
     Q4_1, Int8GroupLinear for the Q8_0 o_proj and the head tied to the Q8_0 table) dequantizes
     to exactly that."""
-    model = load_model(str(mixed_gguf), dtype="float32", device="cpu").model
-    loaded_weights = {name: m.weight.detach().clone() for name, m in model.named_modules()
-                      if isinstance(m, torch.nn.Linear)}
-    assert quantize_model(model, str(mixed_gguf), "gguf") == 2 * 4 + 1  # qkv, o, gate_up, down; the head
-    kept = _kept(model)
-    assert sorted(kept) == sorted(loaded_weights)
-    for name, layer in kept.items():
-        assert isinstance(layer, Int8GroupLinear if "o_proj" in name or name == "lm_head" else Int4Linear), name
-        assert torch.equal(layer.dequantize(), loaded_weights[name]), name
+    _assert_every_linear_kept(mixed_gguf, 2 * 4 + 1,  # qkv, o, gate_up, down; the head
+                              lambda name: "o_proj" in name or name == "lm_head")
 
 
 @pytest.mark.parametrize("file", ["mixed_gguf", "gpt2_gguf"])
