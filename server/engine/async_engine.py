@@ -10,9 +10,9 @@
 One thread owns the Engine; handlers never touch engine state. It is an EngineThread, which the
 server also loads the model on (engine_thread.py says why torch wants a single thread). Each
 HTTP request gets one asyncio.Queue (in its RequestStream); the thread hands a whole step's
-deltas to the loop with a single `call_soon_threadsafe`. With nothing to do the thread sleeps on the Condition (no busy
-spin). If the thread dies, every open stream and pending add gets EngineDeadError and
-`is_healthy` turns False.
+deltas to the loop with a single `call_soon_threadsafe`. With nothing to do the thread sleeps
+on the Condition (no busy spin). If the thread dies, every open stream and pending add gets
+EngineDeadError and `is_healthy` turns False.
 """
 from __future__ import annotations
 
