@@ -124,15 +124,26 @@ def build_attention_metadata(
     positions = list(chain.from_iterable(map(range, map(operator.sub, seq_lens, query_lens), seq_lens)))
     max_blocks = max(map(len, block_tables)) if block_tables else 0
     padded = chain.from_iterable(t + [0] * (max_blocks - len(t)) for t in block_tables or [])
-    ids_t, rows_t, meta.positions, meta.query_start_loc_t, meta.seq_lens_t, q_lens, tables = to_device(
-        [ids, rows_wanted, positions, starts, seq_lens, query_lens, padded],
-        [len(ids), len(rows_wanted), num_tokens, num_seqs + 1, num_seqs, num_seqs, num_seqs * max_blocks], device)
+    # A step of plain decodes (one token per sequence, the steady state) has one slot per
+    # sequence: the host computes them with the rest (S items, no per-token loop), which saves
+    # the slot mapping's handful of tensor ops below, most of a small step's bookkeeping.
+    plain_decodes = block_tables is not None and num_tokens == num_seqs == num_decode_seqs
+    slots = [t[(n - 1) // block_size] * block_size + (n - 1) % block_size
+             for t, n in zip(block_tables, seq_lens)] if plain_decodes else []
+    ids_t, rows_t, meta.positions, meta.query_start_loc_t, meta.seq_lens_t, q_lens, tables, slots_t = to_device(
+        [ids, rows_wanted, positions, starts, seq_lens, query_lens, padded, slots],
+        [len(ids), len(rows_wanted), num_tokens, num_seqs + 1, num_seqs, num_seqs, num_seqs * max_blocks, len(slots)],
+        device)
     meta.input_ids = ids_t if input_ids is not None else None
     meta.logit_rows = rows_t if logit_rows is not None else None
     if block_tables is None:
         meta.num_decode_seqs = meta.num_decode_tokens = 0  # no cache: every sequence attends to its own chunk
         return meta
     meta.block_tables = tables.view(num_seqs, max_blocks)  # (S, max_blocks) padded with 0
+    if plain_decodes:  # token i is sequence i's, and its row sees the whole sequence
+        meta.slot_mapping, meta.decode_block_tables, meta.decode_seq_lens = slots_t, meta.block_tables, meta.seq_lens_t
+        meta.decode_blocks = max_blocks
+        return meta
     if max(query_lens) == 1:  # one token each (all decodes): token i is sequence i's
         seq_of = torch.arange(num_seqs, device=device)
     else:
@@ -184,7 +195,7 @@ def paged_attention(
     """Causal attention for a packed batch. q (N, H, D), k and v (N, KVH, D) -> (N, H, D).
 
     decode(q (R, H, D), kv_cache, meta, scale) -> (R, H, D) attends the decode rows (default:
-    gather + SDPA); store_kernel: the C++ module that quantizes int8 rows as it stores them.
+    gather + SDPA); store_kernel: the C++ module that stores (and quantizes) new rows.
     models/kernels.py binds the variant this device runs."""
     if kv_cache is not None:
         write_kv(k, v, kv_cache, meta.slot_mapping, store_kernel)
@@ -221,8 +232,11 @@ class PagedAttention(nn.Module):
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache, slot_mapping: torch.Tensor, kernel=None) -> None:
     """Store new keys and values (N, KVH, D) into the pools at their slots (quantized for int8
-    pools, by the C++ kernel when one is given)."""
+    pools); `kernel`: the C++ module that stores both in one call."""
     k_pool, v_pool = kv_cache
+    if kernel is not None:
+        kernel.store_kv(k_pool, v_pool, slot_mapping, k, v)
+        return
     store_rows(k_pool, slot_mapping, k, kernel)
     store_rows(v_pool, slot_mapping, v, kernel)
 

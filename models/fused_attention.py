@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from models.attention import paged_attention
 from models.cpu_kernels import load_kernel
 
 
@@ -37,3 +38,16 @@ def fused_decode_attention(q: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.
 def fused_decode_rows(q: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor], meta, scale: float) -> torch.Tensor:
     """paged_attention's `decode` on this kernel: q (R, H, D) -> (R, H, D)."""
     return fused_decode_attention(q, kv_cache, meta.decode_block_tables, meta.decode_seq_lens, scale)
+
+
+def cpu_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache, meta, scale: float) -> torch.Tensor:
+    """paged_attention on the C++ kernels. A decode-only step (every token a decode row, the
+    batch-1 case) stores its keys and values and attends in one call; other steps store in C++,
+    attend their decode rows with the kernel and their prefill chunks with SDPA.
+    q (N, H, D), k and v (N, KVH, D) -> (N, H, D)."""
+    kernel = decode_kernel()
+    if kv_cache is not None and meta.num_decode_tokens == q.shape[0]:
+        k_pool, v_pool = kv_cache
+        return kernel.store_and_decode(q, k, v, k_pool, v_pool, meta.slot_mapping, meta.decode_block_tables,
+                                       meta.decode_seq_lens, scale)
+    return paged_attention(q, k, v, kv_cache, meta, scale, decode=fused_decode_rows, store_kernel=kernel)

@@ -32,7 +32,7 @@ import torch.nn as nn
 
 from models.attention import PagedAttention, paged_attention
 from models.fast_linear import pack_linear_layers
-from models.fused_attention import decode_kernel, describe_decode_path, fused_decode_rows
+from models.fused_attention import cpu_paged_attention, decode_kernel, describe_decode_path
 from models.layers import RMSNorm, rms_norm_kernel, rms_norm_reference
 
 BACKENDS = ("reference", "cpu", "triton")
@@ -93,8 +93,7 @@ def bind_kernels(model: nn.Module, kernels: Kernels) -> None:
 def _cpu_kernels(head_dim: int) -> Kernels:
     """The C++ kernels of models/csrc where they built; each missing one falls back alone."""
     module = decode_kernel()
-    attention = (paged_attention if module is None
-                 else partial(paged_attention, decode=fused_decode_rows, store_kernel=module))
+    attention = paged_attention if module is None else cpu_paged_attention
     norm = rms_norm_kernel()
     rms_norm = rms_norm_reference if norm is None else partial(_rms_norm_cpu, norm.rms_norm)
     return Kernels("cpu", attention, rms_norm, True, describe_decode_path(head_dim))

@@ -8,6 +8,7 @@ import torch
 
 from models.attention import build_attention_metadata, paged_attention, write_kv
 from models.cpu_kernels import can_build
+from models.kv_int8 import quantize_rows
 
 H, KVH, D, BS = 4, 2, 8, 4
 
@@ -61,6 +62,57 @@ def test_cache_free_path_is_causal_per_sequence():
     out = paged_attention(q, k, v, None, meta, D**-0.5)
     expected = torch.cat([dense_attention(q[:5], k[:5], v[:5], D**-0.5), dense_attention(q[5:], k[5:], v[5:], D**-0.5)])
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+
+@pytest.mark.skipif(not can_build(), reason="no compiler or ninja here: the fused kernel cannot build")
+@pytest.mark.parametrize("pool_dtype", ["model", torch.int8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("query_lens", [[1], [1] * 5, [1, 1, 6]])  # batch 1, plain decodes, a mixed step
+def test_the_cpu_attention_stores_and_attends_as_the_torch_path(pool_dtype, dtype, query_lens):
+    """models/kernels.py's CPU attention (one C++ call for a decode-only step, a C++ store for
+    the rest) writes the pools byte for byte as the PyTorch path and returns its output, for
+    keys and values that are strided views of one fused QKV projection."""
+    from models.fused_attention import cpu_paged_attention, decode_kernel
+
+    assert decode_kernel() is not None
+    gen, rng = torch.Generator().manual_seed(len(query_lens)), random.Random(3)
+    head_dim, block_size = 64, 16
+    cached = [rng.randint(0, 40) for _ in query_lens]
+    lens = [c + n for c, n in zip(cached, query_lens)]
+    free = list(range(64))
+    rng.shuffle(free)
+    tables = [[free.pop() for _ in range(-(-n // block_size))] for n in lens]
+    pool_type = dtype if pool_dtype == "model" else torch.int8
+    rows = [torch.randn(64, block_size, KVH, head_dim, generator=gen).to(dtype) for _ in range(2)]
+    start = tuple(quantize_rows(r) if pool_type == torch.int8 else r for r in rows)  # the cached keys and values
+    qkv = torch.randn(sum(query_lens), (H + 2 * KVH) * head_dim, generator=gen).to(dtype)  # (N, (H + 2 KVH) D)
+    q, k, v = qkv.split([H * head_dim, KVH * head_dim, KVH * head_dim], dim=-1)
+    q, k, v = q.view(-1, H, head_dim), k.view(-1, KVH, head_dim), v.view(-1, KVH, head_dim)  # strided rows
+    pools = {}
+    outputs = {}
+    for path, attend in [("torch", paged_attention), ("cpu", cpu_paged_attention)]:
+        pools[path] = tuple(p.clone() for p in start)
+        meta = build_attention_metadata(query_lens, lens, tables, block_size)
+        outputs[path] = attend(q, k, v, pools[path], meta, head_dim**-0.5)
+    assert all(torch.equal(a, b) for a, b in zip(pools["torch"], pools["cpu"]))
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(outputs["cpu"], outputs["torch"], atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("query_lens,seq_lens", [([1], [9]), ([1, 1, 1], [5, 16, 17]), ([1, 1, 4], [3, 20, 7])])
+def test_plain_decode_metadata_equals_the_general_path(query_lens, seq_lens):
+    """The host-computed slots of a plain-decode step are the ones the tensor path computes."""
+    free = iter([7, 2, 11, 4, 9, 1, 3, 5, 8, 6, 0, 10])
+    tables = [[next(free) for _ in range(-(-n // BS))] for n in seq_lens]
+    meta = build_attention_metadata(query_lens, seq_lens, tables, BS)
+    slots = [tables[s][p // BS] * BS + p % BS for s, (n, L) in enumerate(zip(query_lens, seq_lens)) for p in range(L - n, L)]
+    assert meta.slot_mapping.tolist() == slots
+    decodes = sum(n == 1 for n in query_lens)
+    width = max(map(len, tables))
+    assert meta.decode_seq_lens.tolist() == seq_lens[:decodes]
+    assert meta.decode_block_tables.tolist() == [t + [0] * (width - len(t)) for t in tables[:decodes]]
+    assert meta.decode_blocks == max(map(len, tables[:decodes]))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

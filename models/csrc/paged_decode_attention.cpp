@@ -401,7 +401,67 @@ void store_int8_rows(torch::Tensor pool, torch::Tensor slot_mapping, torch::Tens
   });
 }
 
+// A (N, KVH, D) tensor whose rows may sit apart (a view of a fused QKV projection's output)
+// but whose heads and values are packed, as the store reads them; else a packed copy.
+static torch::Tensor packed_rows(const torch::Tensor& x) {
+  return x.dim() == 3 && x.stride(2) == 1 && x.stride(1) == x.size(2) ? x : x.contiguous();
+}
+
+// One pool's new rows: copied as they are into a pool of their dtype, quantized into an int8 one.
+template <typename T>
+static void store_pool_rows(const torch::Tensor& rows, const int64_t* slots, torch::Tensor& pool) {
+  const int64_t N = rows.size(0), KVH = rows.size(1), D = rows.size(2);
+  if (pool.scalar_type() == torch::kChar) {
+    auto packed = rows.contiguous();
+    store_int8_rows_impl(packed.data_ptr<T>(), slots, pool.data_ptr<int8_t>(), N, KVH, D);
+    return;
+  }
+  const T* src = rows.data_ptr<T>();
+  T* dst = pool.data_ptr<T>();
+  const int64_t row_stride = rows.stride(0), width = KVH * D;
+  at::parallel_for(0, N, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) std::memcpy(dst + slots[n] * width, src + n * row_stride, width * sizeof(T));
+  });
+}
+
+// New keys and values (N, KVH, D) written into both pools (NB, BS, KVH, W) at their slots, in one
+// call: what models/attention.py's write_kv does with two index_copy_ (or int8 quantizing) ops.
+void store_kv(torch::Tensor k_pool, torch::Tensor v_pool, torch::Tensor slot_mapping, torch::Tensor k, torch::Tensor v) {
+  TORCH_CHECK(k_pool.is_contiguous() && v_pool.is_contiguous() && k_pool.dim() == 4 && k_pool.sizes() == v_pool.sizes(),
+              "two contiguous (NB, BS, KVH, W) pools");
+  TORCH_CHECK(k_pool.scalar_type() == v_pool.scalar_type() && k.scalar_type() == v.scalar_type(), "one dtype per pair");
+  TORCH_CHECK(k_pool.scalar_type() == torch::kChar || k_pool.scalar_type() == k.scalar_type(), "pools of k's dtype, or int8");
+  TORCH_CHECK(slot_mapping.scalar_type() == torch::kInt64 && slot_mapping.dim() == 1, "int64 slots");
+  TORCH_CHECK(k_pool.is_cpu() && k.is_cpu() && v.is_cpu() && slot_mapping.is_cpu(), "CPU tensors only");
+  const bool int8_pool = k_pool.scalar_type() == torch::kChar;
+  auto keys = packed_rows(k), values = packed_rows(v);
+  const int64_t N = keys.size(0), KVH = keys.size(1), D = keys.size(2);
+  TORCH_CHECK(values.sizes() == keys.sizes() && slot_mapping.size(0) == N, "shape mismatch");
+  TORCH_CHECK(k_pool.size(2) == KVH && k_pool.size(3) == D + (int8_pool ? 4 : 0), "rows do not fit the pool");
+  auto slots = slot_mapping.contiguous();
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  const int64_t num_slots = k_pool.size(0) * k_pool.size(1);
+  for (int64_t n = 0; n < N; ++n) TORCH_CHECK(slot[n] >= 0 && slot[n] < num_slots, "slot outside the pool");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, keys.scalar_type(), "store_kv", [&] {
+    store_pool_rows<scalar_t>(keys, slot, k_pool);
+    store_pool_rows<scalar_t>(values, slot, v_pool);
+  });
+}
+
+// A decode-only step's attention in one call: store the new keys and values, then attend.
+// q (S, H, D), k and v (S, KVH, D) -> (S, H, D).
+torch::Tensor store_and_decode(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor k_pool,
+                               torch::Tensor v_pool, torch::Tensor slot_mapping, torch::Tensor block_tables,
+                               torch::Tensor seq_lens, double scale) {
+  store_kv(k_pool, v_pool, slot_mapping, k, v);
+  return paged_decode_attention(q.contiguous(), k_pool, v_pool, block_tables, seq_lens, scale);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("store_kv", &store_kv, py::call_guard<py::gil_scoped_release>(),
+        "write new K and V rows into their pools at their slots, quantized for int8 pools (CPU)");
+  m.def("store_and_decode", &store_and_decode, py::call_guard<py::gil_scoped_release>(),
+        "a decode-only step: store the new K/V rows, then paged decode attention (CPU)");
   m.def("paged_decode_attention", &paged_decode_attention, py::call_guard<py::gil_scoped_release>(), "paged decode attention (CPU)");
   m.def("store_int8_rows", &store_int8_rows, py::call_guard<py::gil_scoped_release>(), "quantize new K or V rows into an int8 pool at their slots (CPU)");
 #ifdef NANOSERVE_HAS_AVX512
