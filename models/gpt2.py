@@ -59,10 +59,7 @@ class CausalSelfAttention(nn.Module):
         self.kv_cache = None
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        q, k, v = self.c_attn(x).split(self.n_head * self.head_dim, dim=-1)  # (N, 3C) -> 3 x (N, C)
-        q = q.view(-1, self.n_head, self.head_dim)  # (N, H, D)
-        k = k.view(-1, self.n_head, self.head_dim)
-        v = v.view(-1, self.n_head, self.head_dim)
+        q, k, v = self.c_attn(x).view(-1, 3, self.n_head, self.head_dim).unbind(1)  # (N, 3C) -> 3 x (N, H, D)
         y = self.paged_attn(q, k, v, self.kv_cache, meta)  # (N, H, D)
         return self.c_proj(y.flatten(1))  # (N, C)
 

@@ -65,6 +65,49 @@ def test_cache_free_path_is_causal_per_sequence():
 
 
 
+
+@pytest.mark.skipif(not can_build(), reason="no compiler or ninja here: the fused kernel cannot build")
+@pytest.mark.parametrize("pool_dtype", [torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("kv_heads", [KVH, H])
+def test_the_decode_kernel_does_not_depend_on_the_batch_or_the_threads(pool_dtype, kv_heads):
+    """Long and short sequences match the PyTorch path, and each sequence's output is bit for
+    bit the same alone (split by KV head over the threads), in a batch (one task per sequence),
+    and on one thread: greedy output must not depend on what else runs."""
+    from models.fused_attention import decode_kernel, fused_decode_attention
+
+    assert decode_kernel() is not None
+    gen, rng = torch.Generator().manual_seed(5), random.Random(5)
+    head_dim, block_size = 64, 16
+    lens = [600, 129, 7, 256, 300, 128, 1]
+    free = list(range(160))
+    rng.shuffle(free)
+    tables = [[free.pop() for _ in range(-(-n // block_size))] for n in lens]
+    rows = [torch.randn(160, block_size, kv_heads, head_dim, generator=gen).bfloat16() for _ in range(2)]
+    pool = tuple(quantize_rows(r) if pool_dtype == torch.int8 else r for r in rows)
+    q = (3 * torch.randn(len(lens), H, head_dim, generator=gen)).bfloat16()
+    meta = build_attention_metadata([1] * len(lens), lens, tables, block_size)
+    batched = fused_decode_attention(q, pool, meta.decode_block_tables, meta.decode_seq_lens, head_dim**-0.5)
+    nothing = torch.empty(0, kv_heads, head_dim).bfloat16()  # no new token: attend what the pools hold
+    reference = paged_attention(q, nothing, nothing, pool, _without_store(meta), head_dim**-0.5)
+    torch.testing.assert_close(batched, reference, atol=2e-2, rtol=2e-2)
+    threads = torch.get_num_threads()
+    try:
+        for num_threads in sorted({1, threads}):
+            torch.set_num_threads(num_threads)
+            for s, n in enumerate(lens):
+                alone = build_attention_metadata([1], [n], [tables[s]], block_size)
+                out = fused_decode_attention(q[s:s + 1], pool, alone.decode_block_tables, alone.decode_seq_lens, head_dim**-0.5)
+                assert torch.equal(out[0], batched[s]), (num_threads, n)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _without_store(meta):
+    """meta for attending what the pools hold, writing nothing (no slot for a new token)."""
+    meta.slot_mapping = meta.slot_mapping[:0]
+    return meta
+
+
 @pytest.mark.skipif(not can_build(), reason="no compiler or ninja here: the fused kernel cannot build")
 @pytest.mark.parametrize("pool_dtype", ["model", torch.int8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
