@@ -194,3 +194,28 @@ def test_large_mixed_batch_runs():
     assert torch.all((out.token_ids >= 0) & (out.token_ids < vocab_size))
     assert all(out.token_ids[i] != eos for i in range(1, num_seqs, 2))
     assert torch.isfinite(out.logprobs).all()
+
+
+@pytest.mark.parametrize("vocab", [1, 7, 16, 17, 100, 50257])
+def test_first_argmax_is_torch_argmax(vocab):
+    """The C++ argmax (greedy's token, the exponential race's winner) gives torch.argmax's first
+    maximum: ties inside a 16-lane vector, across lanes and in the tail, -inf masks, all -inf."""
+    from models.cpu_kernels import can_build
+    from server.engine.sampler import argmax_kernel, first_argmax
+
+    assert argmax_kernel() is not None or not can_build()
+    gen = torch.Generator().manual_seed(vocab)
+    rows = torch.randn(12, vocab, generator=gen)
+    rows[1] = rows[1].round()  # many ties at the maximum
+    rows[2] = float("-inf")  # every token masked: index 0, as torch
+    rows[3, : vocab // 2] = float("-inf")
+    rows[4] = 0.0  # all tied
+    rows[5, -1] = 100.0  # the maximum in the tail
+    rows[6, [vocab // 3, vocab - 1]] = 100.0  # a tie between two lanes (or the tail)
+    rows[7, [0, vocab // 2]] = 100.0
+    rows[8] = torch.randint(0, 3, (vocab,), generator=gen).float()
+    rows[9] = -rows[9].abs() - 1  # all negative
+    assert torch.equal(first_argmax(rows), rows.argmax(dim=-1))
+    assert torch.equal(first_argmax(rows[3:4]), rows[3:4].argmax(dim=-1))
+    strided = rows.t().contiguous().t()  # a non-contiguous view of the same values
+    assert torch.equal(first_argmax(strided), rows.argmax(dim=-1))

@@ -103,7 +103,7 @@ class ModelRunner:
             log.info("decode attention: %s", self.kernels.description)
         self.moe_layers = moe_layers(self.model)
         drain_expert_load(self.moe_layers)  # forget routing counted before this engine (reference forwards)
-        self.sampler = Sampler()
+        self.sampler = Sampler(self.device)
         self.grammars = grammars
         self._mask_thread = ThreadPoolExecutor(1, thread_name_prefix="grammar-masks")
         self.generators: dict[int, torch.Generator] = {}
