@@ -166,7 +166,9 @@ class ModelRunner:
         states = self.model(meta.input_ids, meta.positions, meta)  # (N,), (N,) -> (N, C)
         logits = None
         if inputs.logit_rows and with_logits:
-            logits = self.model.compute_logits(states[meta.logit_rows])  # (R, V)
+            rows = inputs.logit_rows  # every row in order (a decode-only step): no gather
+            every_row = len(rows) == states.shape[0] and rows == list(range(len(rows)))
+            logits = self.model.compute_logits(states if every_row else states[meta.logit_rows])  # (R, V)
         return _Hidden(states, meta, logits)
 
     def _start_grammar_masks(self, rows: list[SamplingRow], speculative: list[bool]) -> Future | None:
