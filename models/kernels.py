@@ -8,10 +8,11 @@ model afterwards, so the model a learner reads in models/gpt2.py is the model th
     op          reference (any device)   cpu (fast kernels)                    triton (CUDA)
     linear      F.linear                 oneDNN-packed bf16, AVX512-BF16        F.linear (cuBLAS)
                                          small-batch kernel (fast_linear.py)
-    KV store    index_copy (int8 rows:   C++ store of int8 rows                 Triton store_kv
+    KV store    index_copy (int8 rows:   C++ store_kv (copy or int8 rows)       Triton store_kv
                 kv_int8.py)
-    attention   gather + SDPA decode,    fused C++ decode kernel, SDPA          one Triton kernel for
-                SDPA per prefill chunk   prefill chunks                         the whole mixed batch
+    attention   gather + SDPA decode,    fused C++ decode kernel (one call      one Triton kernel for
+                SDPA per prefill chunk   with the store for a decode-only       the whole mixed batch
+                                         step), SDPA prefill chunks
     RMSNorm     float32 composition      C++ kernel (rms_norm.cpp)              reference
     rotary      float32 composition      reference                              reference
 
