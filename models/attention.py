@@ -99,8 +99,9 @@ def build_attention_metadata(
 
     The host only concatenates lists (C-speed list ops: positions as ranges, block tables padded);
     one host->device copy (pinned, asynchronous on CUDA) moves them, with the input ids and logit
-    rows; the slot mapping and the decode rows come from a few tensor ops there. No per-token
-    Python loop, no device->host sync.
+    rows; the slot mapping and the decode rows come from a few tensor ops there, except in a
+    step of plain decodes, whose one slot per sequence rides in the copy. No per-token Python
+    loop, no device->host sync.
 
     Args:
         query_lens: new tokens per sequence; decodes (and verification chunks) come first.
@@ -237,8 +238,8 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache, slot_mapping: 
     if kernel is not None:
         kernel.store_kv(k_pool, v_pool, slot_mapping, k, v)
         return
-    store_rows(k_pool, slot_mapping, k, kernel)
-    store_rows(v_pool, slot_mapping, v, kernel)
+    store_rows(k_pool, slot_mapping, k)
+    store_rows(v_pool, slot_mapping, v)
 
 
 def gather_kv(kv_cache: KVCache, block_table: torch.Tensor, seq_len: int, dtype: torch.dtype) -> KVCache:

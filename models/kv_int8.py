@@ -9,8 +9,9 @@ with its scale in one go, the way a GGUF Q8_0 block keeps its scale beside its v
 
 A pool of this dtype takes (D + 4) / (2 D) of a bf16 pool's bytes (0.53 at D = 64, 0.52 at
 D = 128), so the same memory holds ~1.9x the tokens. Keys and values are quantized as they are
-written (`store_rows`); the fused CPU decode kernel reads the int8 rows directly and applies
-the scale in registers, every other reader dequantizes what it gathered (`dequantize_rows`).
+written (`store_rows`, or the C++ `store_kv` on CPU); the fused CPU decode kernel reads the
+int8 rows directly and applies the scale in registers, every other reader dequantizes what it
+gathered (`dequantize_rows`).
 Every reader, prefill and decode alike, sees the same quantized cache, new tokens included,
 so greedy output does not depend on batching, chunking or prefix caching.
 """
@@ -51,15 +52,10 @@ def dequantize_rows(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (rows[..., :-SCALE_BYTES].float() * scale).to(dtype)
 
 
-def store_rows(pool: torch.Tensor, slot_mapping: torch.Tensor, rows: torch.Tensor, kernel=None) -> None:
+def store_rows(pool: torch.Tensor, slot_mapping: torch.Tensor, rows: torch.Tensor) -> None:
     """Write new rows (N, KVH, D) at their slots of a (NB, BS, KVH, W) pool, quantizing for int8.
-
-    kernel: the compiled decode module (models/fused_attention.py), whose C++ store quantizes
-    and scatters an int8 pool's rows in one pass, byte for byte what the PyTorch path writes."""
+    On CPU the C++ `store_kv` (models/csrc/paged_decode_attention.cpp) writes the same bytes."""
     if pool.dtype == torch.int8:
-        if kernel is not None:
-            kernel.store_int8_rows(pool, slot_mapping, rows)
-            return
         rows = quantize_rows(rows)  # (N, KVH, D + 4)
     pool.view(-1, *pool.shape[2:]).index_copy_(0, slot_mapping, rows)  # (NB*BS, KVH, W)
 

@@ -64,8 +64,6 @@ def test_cache_free_path_is_causal_per_sequence():
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
-
-
 @pytest.mark.skipif(not can_build(), reason="no compiler or ninja here: the fused kernel cannot build")
 @pytest.mark.parametrize("pool_dtype", [torch.bfloat16, torch.int8])
 @pytest.mark.parametrize("kv_heads", [KVH, H])
@@ -144,8 +142,9 @@ def test_the_cpu_attention_stores_and_attends_as_the_torch_path(pool_dtype, dtyp
 
 
 @pytest.mark.parametrize("query_lens,seq_lens", [([1], [9]), ([1, 1, 1], [5, 16, 17]), ([1, 1, 4], [3, 20, 7])])
-def test_plain_decode_metadata_equals_the_general_path(query_lens, seq_lens):
-    """The host-computed slots of a plain-decode step are the ones the tensor path computes."""
+def test_the_step_metadata_maps_each_new_token_to_its_slot(query_lens, seq_lens):
+    """Slots, decode lengths and tables of a step: plain decodes (slots computed on the host) and
+    a step with a prefill chunk (the tensor path), against the block table read by hand."""
     free = iter([7, 2, 11, 4, 9, 1, 3, 5, 8, 6, 0, 10])
     tables = [[next(free) for _ in range(-(-n // BS))] for n in seq_lens]
     meta = build_attention_metadata(query_lens, seq_lens, tables, BS)

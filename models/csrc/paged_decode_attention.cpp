@@ -359,17 +359,19 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_pool, torc
   return out;
 }
 
-// New keys or values (N, KVH, D) quantized into an int8 pool viewed as (slots, KVH, D + 4), the same
-// arithmetic as models/kv_int8.py's quantize_rows: scale = max(|x|max, 1e-12) * (1/127),
-// q = clamp(round_half_even(x * (1/scale)), -127, 127), the scale's 4 bytes after the values.
-// Inputs are finite (a model's keys and values); -ffast-math makes no promise about NaN or inf.
+// New keys or values (N, KVH, D), token n's heads packed at rows + n * row_stride, quantized into
+// an int8 pool viewed as (slots, KVH, D + 4), the same arithmetic as models/kv_int8.py's
+// quantize_rows: scale = max(|x|max, 1e-12) * (1/127), q = clamp(round_half_even(x * (1/scale)),
+// -127, 127), the scale's 4 bytes after the values. Inputs are finite (a model's keys and
+// values); -ffast-math makes no promise about NaN or inf.
 template <typename T>
-static void store_int8_rows_impl(const T* rows, const int64_t* slots, int8_t* pool, int64_t N, int64_t KVH, int64_t D) {
+static void store_int8_rows(const T* rows, int64_t row_stride, const int64_t* slots, int8_t* pool, int64_t N, int64_t KVH,
+                            int64_t D) {
   const int64_t W = D + 4;
   at::parallel_for(0, N * KVH, 64, [&](int64_t begin, int64_t end) {
     std::vector<float> x(D);
     for (int64_t i = begin; i < end; ++i) {
-      to_float(rows + i * D, x.data(), D);
+      to_float(rows + (i / KVH) * row_stride + (i % KVH) * D, x.data(), D);
       float amax = 0.0f;
       for (int64_t d = 0; d < D; ++d) amax = std::max(amax, std::fabs(x[d]));
       // each through a volatile, so -ffast-math cannot reassociate x * (1 / (m * c)) into
@@ -385,40 +387,24 @@ static void store_int8_rows_impl(const T* rows, const int64_t* slots, int8_t* po
   });
 }
 
-void store_int8_rows(torch::Tensor pool, torch::Tensor slot_mapping, torch::Tensor rows) {
-  TORCH_CHECK(pool.scalar_type() == torch::kChar && pool.is_contiguous() && pool.dim() == 4, "an int8 (NB, BS, KVH, D + 4) pool");
-  TORCH_CHECK(slot_mapping.scalar_type() == torch::kInt64, "int64 slots");
-  TORCH_CHECK(pool.is_cpu() && rows.is_cpu() && slot_mapping.is_cpu(), "CPU tensors only");
-  auto src = rows.contiguous();
-  auto slots = slot_mapping.contiguous();
-  const int64_t N = src.size(0), KVH = src.size(1), D = src.size(2);
-  TORCH_CHECK(pool.size(2) == KVH && pool.size(3) == D + 4 && slots.numel() == N, "shape mismatch");
-  const int64_t num_slots = pool.size(0) * pool.size(1);
-  const int64_t* slot = slots.data_ptr<int64_t>();
-  for (int64_t n = 0; n < N; ++n) TORCH_CHECK(slot[n] >= 0 && slot[n] < num_slots, "slot outside the pool");
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, src.scalar_type(), "store_int8_rows", [&] {
-    store_int8_rows_impl(src.data_ptr<scalar_t>(), slots.data_ptr<int64_t>(), pool.data_ptr<int8_t>(), N, KVH, D);
-  });
-}
-
 // A (N, KVH, D) tensor whose rows may sit apart (a view of a fused QKV projection's output)
 // but whose heads and values are packed, as the store reads them; else a packed copy.
 static torch::Tensor packed_rows(const torch::Tensor& x) {
   return x.dim() == 3 && x.stride(2) == 1 && x.stride(1) == x.size(2) ? x : x.contiguous();
 }
 
-// One pool's new rows: copied as they are into a pool of their dtype, quantized into an int8 one.
+// One pool's new rows (token n's at rows + n * stride(0)): copied as they are into a pool of
+// their dtype, quantized into an int8 one.
 template <typename T>
 static void store_pool_rows(const torch::Tensor& rows, const int64_t* slots, torch::Tensor& pool) {
   const int64_t N = rows.size(0), KVH = rows.size(1), D = rows.size(2);
+  const T* src = rows.data_ptr<T>();
+  const int64_t row_stride = rows.stride(0), width = KVH * D;
   if (pool.scalar_type() == torch::kChar) {
-    auto packed = rows.contiguous();
-    store_int8_rows_impl(packed.data_ptr<T>(), slots, pool.data_ptr<int8_t>(), N, KVH, D);
+    store_int8_rows(src, row_stride, slots, pool.data_ptr<int8_t>(), N, KVH, D);
     return;
   }
-  const T* src = rows.data_ptr<T>();
   T* dst = pool.data_ptr<T>();
-  const int64_t row_stride = rows.stride(0), width = KVH * D;
   at::parallel_for(0, N, 256, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) std::memcpy(dst + slots[n] * width, src + n * row_stride, width * sizeof(T));
   });
@@ -463,7 +449,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("store_and_decode", &store_and_decode, py::call_guard<py::gil_scoped_release>(),
         "a decode-only step: store the new K/V rows, then paged decode attention (CPU)");
   m.def("paged_decode_attention", &paged_decode_attention, py::call_guard<py::gil_scoped_release>(), "paged decode attention (CPU)");
-  m.def("store_int8_rows", &store_int8_rows, py::call_guard<py::gil_scoped_release>(), "quantize new K or V rows into an int8 pool at their slots (CPU)");
 #ifdef NANOSERVE_HAS_AVX512
   m.def("has_avx512_path", [] { return true; }, "whether head dims that are multiples of 16 take the AVX-512 path");
 #else
