@@ -145,10 +145,7 @@ def build_attention_metadata(
         meta.slot_mapping, meta.decode_block_tables, meta.decode_seq_lens = slots_t, meta.block_tables, meta.seq_lens_t
         meta.decode_blocks = max_blocks
         return meta
-    if max(query_lens) == 1:  # one token each (all decodes): token i is sequence i's
-        seq_of = torch.arange(num_seqs, device=device)
-    else:
-        seq_of = torch.repeat_interleave(torch.arange(num_seqs, device=device), q_lens, output_size=num_tokens)  # (N,)
+    seq_of = torch.repeat_interleave(torch.arange(num_seqs, device=device), q_lens, output_size=num_tokens)  # (N,)
     pos = meta.positions
     meta.slot_mapping = meta.block_tables[seq_of, pos // block_size] * block_size + pos % block_size  # (N,)
     rows = meta.num_decode_tokens
