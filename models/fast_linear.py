@@ -9,6 +9,11 @@ AVX512-BF16 dot products on CPUs without AMX (oneDNN lays the weight out differe
 and each kernel reads its CPU's layout, checked byte for byte at pack time). Prefill (large M)
 stays on oneDNN.
 
+CPUs without AVX-512 (AVX2 + FMA only) get no bf16 path from oneDNN at all: it refuses to pack
+bf16 weights there, and ATen's bf16 matmul runs ~3x slower than float32. There
+models/csrc/bf16_avx2_linear.cpp packs the weight itself (PAIRS32_LAYOUT) and takes every row
+count, prefill included.
+
 GELU(tanh) can be fused into the matmul's epilogue (`PackedLinear.forward_gelu_tanh`), saving a
 pass over the MLP's widest activation. The LM head is packed only when a small-batch kernel takes
 it (oneDNN alone is no faster there); a head tied to the token embedding then serves the embedding
@@ -18,7 +23,9 @@ too (`PackedEmbedding` reads rows out of the packed buffer), so the table is sto
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
+import sys
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,7 +49,8 @@ class PackedLayout:
         W[n][k] at [n / cols][k / k_group][(k % k_group) / 2][n % cols][k % 2]   (N padded to cols)
 
     AMX CPUs get 32-column blocks of 32-deep K groups (AB16b32a2b); CPUs with AVX512-BF16 and no
-    AMX get 64-column blocks of all of K in pairs (k_group None).
+    AMX get 64-column blocks of all of K in pairs (k_group None). The AVX2 kernel packs its own
+    weights in 32-column blocks of pairs (four 256-bit vectors a k-pair).
     """
 
     cols: int
@@ -65,20 +73,39 @@ class PackedLayout:
 
 AMX_LAYOUT = PackedLayout(cols=32, k_group=32)
 PAIRS64_LAYOUT = PackedLayout(cols=64, k_group=None)
+PAIRS32_LAYOUT = PackedLayout(cols=32, k_group=None)
 
 
 @dataclass(frozen=True)
 class SmallBatchKernel:
-    """A C++ linear for decode-sized batches that streams oneDNN's packed buffer in `layout`."""
+    """A C++ linear for decode-sized batches that streams a packed buffer in `layout`: oneDNN's,
+    or (`packs_itself`) one this module lays out because oneDNN has no bf16 path on this CPU."""
 
     name: str
     layout: PackedLayout
     max_rows: int      # more rows re-read the weight too often; oneDNN blocks them better
     linear: Callable   # (x, address, nbytes, bias_f32 | None, N, activation) -> y
+    packs_itself: bool = False  # the kernel takes every row count: there is no oneDNN to hand over to
+
+
+def onednn_packs_bf16() -> bool:
+    """Whether oneDNN has a bf16 path on this CPU (AVX512-BW/VL/DQ or AVX-NE-CONVERT)."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+@functools.cache
+def own_layout_kernel() -> SmallBatchKernel | None:
+    """The AVX2 + FMA kernel for CPUs where oneDNN cannot pack bf16 (None: not needed or not built)."""
+    if onednn_packs_bf16():
+        return None
+    avx2 = load_kernel("nanoserve_bf16_avx2_linear", "bf16_avx2_linear.cpp")
+    if avx2 is None or not avx2.bf16_avx2_available():
+        return None
+    return SmallBatchKernel("AVX2", PAIRS32_LAYOUT, sys.maxsize, avx2.bf16_avx2_linear, packs_itself=True)
 
 
 def small_batch_kernels() -> list[SmallBatchKernel]:
-    """The kernels this CPU and build can run, in order of preference."""
+    """The kernels this CPU and build can run on oneDNN's packed buffers, in order of preference."""
     kernels = []
     amx = load_kernel("nanoserve_amx_linear", "amx_linear.cpp")
     if amx is not None and amx.amx_available():
@@ -90,7 +117,10 @@ def small_batch_kernels() -> list[SmallBatchKernel]:
 
 
 def _packed_values(packed: torch.Tensor) -> torch.Tensor:
-    """A flat bf16 view of an opaque packed tensor's buffer (valid while `packed` lives)."""
+    """A flat bf16 view of a packed tensor's buffer: oneDNN's opaque one (valid while `packed`
+    lives), or a plain tensor in a layout of our own."""
+    if not packed.is_mkldnn:
+        return packed.view(-1)
     nbytes = torch.ops.mkldnn._nbytes(packed)
     raw = (ctypes.c_uint8 * nbytes).from_address(torch.ops.mkldnn.data_ptr(packed))
     return torch.frombuffer(raw, dtype=torch.bfloat16)
@@ -109,18 +139,26 @@ def _in_layout(packed: torch.Tensor, weight: torch.Tensor, layout: PackedLayout)
 
 class PackedLinear(nn.Module):
     """A Linear's kernel (models/layers.py) with the weight stored in oneDNN's blocked layout;
-    decode-sized batches go to a small-batch kernel when one reads this CPU's layout."""
+    decode-sized batches go to a small-batch kernel when one reads this CPU's layout. Where
+    oneDNN has no bf16 path, the AVX2 kernel packs the weight in its own layout and runs alone."""
 
     def __init__(self, linear: nn.Linear, use_small_batch: bool = True):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.packed_weight = nn.Parameter(
-            torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None), requires_grad=False)
         self.bias = linear.bias
-        kernels = small_batch_kernels() if use_small_batch else []
-        self.kernel = next((k for k in kernels if _in_layout(self.packed_weight, linear.weight, k.layout)), None)
-        # address and size of the opaque packed buffer, read once (this module keeps it alive)
-        self.weight_buffer = (torch.ops.mkldnn.data_ptr(self.packed_weight), torch.ops.mkldnn._nbytes(self.packed_weight))
+        own = own_layout_kernel()
+        if own is not None:  # no oneDNN bf16 here: use_small_batch has nothing to choose between
+            assert can_pack_layer(linear), f"the {own.name} kernel needs an even in_features, not {linear.in_features}"
+            self.kernel = own
+            self.packed_weight = nn.Parameter(own.layout.order(linear.weight.detach()).contiguous(), requires_grad=False)
+            self.weight_buffer = (self.packed_weight.data_ptr(), self.packed_weight.numel() * self.packed_weight.element_size())
+        else:
+            self.packed_weight = nn.Parameter(
+                torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None), requires_grad=False)
+            kernels = small_batch_kernels() if use_small_batch else []
+            self.kernel = next((k for k in kernels if _in_layout(self.packed_weight, linear.weight, k.layout)), None)
+            # address and size of the opaque packed buffer, read once (this module keeps it alive)
+            self.weight_buffer = (torch.ops.mkldnn.data_ptr(self.packed_weight), torch.ops.mkldnn._nbytes(self.packed_weight))
         bias_f32 = None if linear.bias is None or self.kernel is None else linear.bias.detach().float()
         self.register_buffer("bias_f32", bias_f32, persistent=False)  # the kernels' epilogue adds in float32
 
@@ -153,9 +191,16 @@ class PackedEmbedding(nn.Module):
 
 
 def can_pack(model: nn.Module) -> bool:
+    """Whether the model is bf16 on a CPU with a packed path: oneDNN's, or the AVX2 kernel."""
     weight = next(model.parameters())
-    return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16
-            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+    if weight.device.type != "cpu" or weight.dtype != torch.bfloat16:
+        return False
+    return (onednn_packs_bf16() and hasattr(torch.ops.mkldnn, "_linear_pointwise")) or own_layout_kernel() is not None
+
+
+def can_pack_layer(linear: nn.Linear) -> bool:
+    """oneDNN packs any shape; the AVX2 kernel's k-pairs need an even in_features."""
+    return own_layout_kernel() is None or linear.in_features % 2 == 0
 
 
 def pack_linear_layers(model: nn.Module, use_small_batch: bool = True) -> int:
@@ -163,17 +208,24 @@ def pack_linear_layers(model: nn.Module, use_small_batch: bool = True) -> int:
     small-batch kernel takes it); returns how many. Logs which path the linears take on this CPU."""
     if not can_pack(model):
         return 0
-    targets = [(name, m) for name, m in dense_layers(model) if name != "lm_head"]
+    targets = [(name, m) for name, m in dense_layers(model) if name != "lm_head" and can_pack_layer(m)]
     for _, linear in targets:  # each dense weight is freed as soon as it is packed
         linear.use_kernel(PackedLinear(linear, use_small_batch))
     packed_head = _pack_lm_head(model, use_small_batch)
     if not targets and not packed_head:
         return 0  # e.g. every linear is quantized already
+    num_packed = len(targets) + packed_head
+    own = own_layout_kernel()
+    if own is not None:
+        left = len(dense_layers(model))  # the kernel takes every even in_features, the head's included
+        log.info("packed %d linear layers for the %s bf16 kernel, every batch size (oneDNN has no bf16 path on "
+                 "this CPU)%s", num_packed, own.name, f"; {left} with an odd in_features stay on F.linear" if left else "")
+        return num_packed
     by_kernel = Counter(m.kernel.name for m in model.modules() if isinstance(m, PackedLinear) and m.kernel is not None)
     kernels = ", ".join(f"{count} with the {name} small-batch kernel" for name, count in by_kernel.items())
-    log.info("packed %d linear layers for oneDNN (%s)", len(targets) + packed_head,
+    log.info("packed %d linear layers for oneDNN (%s)", num_packed,
              kernels or "none with a small-batch kernel: this CPU has neither AMX nor AVX512-BF16")
-    return len(targets) + packed_head
+    return num_packed
 
 
 def _pack_lm_head(model: nn.Module, use_small_batch: bool) -> bool:

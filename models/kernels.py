@@ -6,8 +6,9 @@ model runner) and `bind_kernels` hands the choice to those layers; nothing is sw
 model afterwards, so the model a learner reads in models/gpt2.py is the model that runs.
 
     op          reference (any device)   cpu (fast kernels)                    triton (CUDA)
-    linear      F.linear                 oneDNN-packed bf16, AVX512-BF16        F.linear (cuBLAS)
-                                         small-batch kernel (fast_linear.py)
+    linear      F.linear                 oneDNN-packed bf16, AMX / AVX512-BF16  F.linear (cuBLAS)
+                                         small-batch kernels; AVX2 bf16 kernel
+                                         where oneDNN has no bf16 (fast_linear.py)
     KV store    index_copy (int8 rows:   C++ store_kv (copy or int8 rows)       Triton store_kv
                 kv_int8.py)
     attention   gather + SDPA decode,    fused C++ decode kernel (one call      one Triton kernel for
@@ -45,7 +46,7 @@ class Kernels:
     name: str                  # one of BACKENDS
     attention: Callable        # paged_attention's signature: (q, k, v, kv_cache, meta, scale) -> (N, H, D)
     rms_norm: Callable         # (x, weight, eps) -> x's shape and dtype
-    pack_linears: bool         # hand bf16 linears to oneDNN-packed kernels (CPU only)
+    pack_linears: bool         # hand bf16 linears to packed kernels: oneDNN's or the AVX2 one (CPU only)
     description: str           # what attention runs, for the load log
 
 

@@ -1,13 +1,14 @@
 """The packed-weight linear (oneDNN, and the small-batch kernel for this CPU: AMX, or AVX512-BF16
-without AMX) is a drop-in for nn.Linear."""
+without AMX; the AVX2 kernel with its own layout where oneDNN has no bf16) is a drop-in for nn.Linear."""
 import functools
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from models.fast_linear import (AMX_LAYOUT, PAIRS64_LAYOUT, PackedEmbedding, PackedLinear, can_pack,
-                                pack_linear_layers, small_batch_kernels)
+from models.cpu_kernels import can_build, load_kernel
+from models.fast_linear import (AMX_LAYOUT, PAIRS32_LAYOUT, PAIRS64_LAYOUT, PackedEmbedding, PackedLinear, can_pack,
+                                onednn_packs_bf16, own_layout_kernel, pack_linear_layers, small_batch_kernels)
 from models.loader import load_model
 
 needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
@@ -45,7 +46,9 @@ def test_packed_linear_equals_linear(use_small_batch, rows, shape, bias):
     oneDNN takes."""
     linear = _bf16_linear(*shape, bias=bias)
     packed = PackedLinear(linear, use_small_batch=use_small_batch)
-    if use_small_batch and a_kernel_reads_this_cpus_layout():
+    if own_layout_kernel() is not None:  # no oneDNN bf16 here: the AVX2 kernel takes every layer and row count
+        assert packed.kernel is own_layout_kernel()
+    elif use_small_batch and a_kernel_reads_this_cpus_layout():
         assert (packed.kernel is not None) == (shape[0] % 32 == 0)
     x = torch.randn(rows, shape[0]).to(torch.bfloat16)
     expected = F.linear(x.float(), linear.weight.float(), None if linear.bias is None else linear.bias.float())
@@ -71,10 +74,60 @@ def test_small_batch_kernel_matches_onednn_at_decode_shapes(kernel):
             torch.testing.assert_close(ours, onednn, atol=6e-2, rtol=1.6e-2)
 
 
+def _avx2_kernel():
+    module = load_kernel("nanoserve_bf16_avx2_linear", "bf16_avx2_linear.cpp")
+    if module is None or not module.bf16_avx2_available():
+        assert not can_build(), "a compiler is here, so the AVX2 kernel must build"
+        pytest.skip("no compiler, or a CPU without AVX2 + FMA")
+    return module
+
+
+@pytest.mark.parametrize("in_features,out_features,bias", [(768, 2304, True), (3072, 768, True), (896, 4864, False),
+                                                           (64, 100, True), (6, 33, False)])
+def test_the_avx2_kernel_matches_the_fp32_reference_at_every_row_count(in_features, out_features, bias):
+    """The AVX2 kernel runs on every x86 CPU these tests run on, whatever oneDNN does there, so it
+    is checked everywhere: rows 1..64 cross its 3-row register tile; (64, 100) pads N to a whole
+    32-column block and leaves a 4-column tail; (6, 33) is smaller than one block."""
+    module = _avx2_kernel()
+    linear = _bf16_linear(in_features, out_features, bias)
+    packed = PAIRS32_LAYOUT.order(linear.weight.detach()).contiguous()
+    bias_f32 = None if linear.bias is None else linear.bias.detach().float()
+    w32, b32 = linear.weight.float(), bias_f32
+    for rows in range(1, 65):
+        x = torch.randn(rows, in_features).to(torch.bfloat16)
+        expected = F.linear(x.float(), w32, b32)
+        for activation, reference in ((0, expected), (1, F.gelu(expected, approximate="tanh"))):
+            y = module.bf16_avx2_linear(x, packed.data_ptr(), packed.numel() * 2, bias_f32, out_features, activation)
+            assert y.shape == (rows, out_features) and y.dtype == torch.bfloat16
+            _close_to_fp32(y, reference)
+
+
+def test_the_avx2_kernel_refuses_a_buffer_too_small_for_its_shape():
+    module = _avx2_kernel()
+    packed = PAIRS32_LAYOUT.order(torch.ones(64, 32, dtype=torch.bfloat16)).contiguous()
+    with pytest.raises(RuntimeError, match="packed weight too small"):
+        module.bf16_avx2_linear(torch.ones(1, 32, dtype=torch.bfloat16), packed.data_ptr(), packed.numel() * 2,
+                                None, 96, 0)
+
+
+def test_a_cpu_without_onednn_bf16_packs_every_linear_for_the_avx2_kernel(caplog):
+    """Where oneDNN has no bf16 path (AVX2-only CPUs) a bf16 model still loads and serves: every
+    linear and the tied head go to the AVX2 kernel, and the log says so."""
+    if onednn_packs_bf16():
+        pytest.skip("oneDNN packs bf16 on this CPU; the AVX2 kernel is not needed")
+    _avx2_kernel()
+    model = load_model("random:tiny-gpt2", dtype="bfloat16", device="cpu").model
+    with caplog.at_level("INFO", logger="models.fast_linear"):
+        assert can_pack(model) and pack_linear_layers(model) == 2 * 4 + 1
+    assert "for the AVX2 bf16 kernel, every batch size" in caplog.text
+    kernels = {m.kernel.kernel.name for m in model.modules() if isinstance(getattr(m, "kernel", None), PackedLinear)}
+    assert kernels == {"AVX2"}
+    assert isinstance(model.transformer.wte.kernel, PackedEmbedding)
+
+
 def test_every_cpu_with_avx512_bf16_gets_a_small_batch_kernel():
     """AMX CPUs get the AMX kernel, other AVX512-BF16 CPUs the dot-product one (where a
-    compiler is present); plain AVX2 CPUs keep oneDNN."""
-    from models.cpu_kernels import can_build
+    compiler is present); plain AVX2 CPUs get the AVX2 kernel (test above)."""
     from models.loader import cpu_has_fast_bf16
 
     if not (can_build() and cpu_has_fast_bf16()):
@@ -83,7 +136,7 @@ def test_every_cpu_with_avx512_bf16_gets_a_small_batch_kernel():
     assert names and names[-1] == "AVX512-BF16"
 
 
-@pytest.mark.parametrize("layout", [AMX_LAYOUT, PAIRS64_LAYOUT], ids=["amx", "pairs64"])
+@pytest.mark.parametrize("layout", [AMX_LAYOUT, PAIRS64_LAYOUT, PAIRS32_LAYOUT], ids=["amx", "pairs64", "pairs32"])
 def test_layout_order_and_rows_are_inverse(layout):
     weight = torch.arange(100 * 64, dtype=torch.float32).reshape(100, 64)
     values = layout.order(weight)

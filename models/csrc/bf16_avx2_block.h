@@ -1,0 +1,105 @@
+// The register-tiled AVX2 + FMA dot product and epilogue over 32-column blocks of bf16 k-pairs,
+// shared by bf16_avx2_linear.cpp (bf16 weights packed at load) and int8_avx2_linear.cpp (int8
+// weights widened to such blocks as they stream). Include it only where __AVX2__ and __FMA__ are
+// defined.
+//
+//   block jb of W:  k-pair p:  n0k0 n0k1 | n1k0 n1k1 | ... | n31k0 n31k1   (128 bytes: 4 ymm)
+//
+//   Each ymm holds 8 columns' (k, k+1) pairs as 32-bit lanes: shifting a lane left by 16 gives
+//   W[n][k] as a float32, masking its low half gives W[n][k + 1]. Up to kRowTile rows share each
+//   loaded weight vector (4 accumulators a row); more rows re-read the block, which by then sits
+//   in L2.
+#pragma once
+
+#include <torch/extension.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include "avx2_math.h"
+
+namespace nanoserve_avx2 {
+
+
+constexpr int64_t kCols = 32;             // columns per block: 4 ymm of 8
+constexpr int kRowTile = 3;               // 3 rows x 4 accumulators, 6 inputs, 2 weight halves
+constexpr int64_t kPairBytes = kCols * 4;  // one k-pair of a block
+constexpr int64_t kPrefetchBytes = 4096;  // how far ahead of the weight stream to fetch into L2
+
+enum Activation : int64_t { kNone = 0, kGeluTanh = 1 };
+
+// Rows [0, kRows) of x (float32, row stride K) times one block -> acc (kRows x 32 floats).
+// stream_end: the end of this thread's weight stream, for prefetching (nullptr: the block is an
+// L2-resident copy, nothing to fetch). The accumulators are
+// named scalars, not an array, so that GCC keeps them in registers (see bf16_dot_block.h).
+#define NANOSERVE_ROW_ACCUMULATORS(r) \
+  __m256 c##r##0 = _mm256_setzero_ps(), c##r##1 = c##r##0, c##r##2 = c##r##0, c##r##3 = c##r##0;
+#define NANOSERVE_ROW_INPUTS(r)                                                                      \
+  const __m256 e##r = kRows > r ? _mm256_broadcast_ss(x + r * K + 2 * p) : _mm256_setzero_ps();      \
+  const __m256 o##r = kRows > r ? _mm256_broadcast_ss(x + r * K + 2 * p + 1) : _mm256_setzero_ps();
+#define NANOSERVE_COLUMN_STEP(j)                                                                     \
+  {                                                                                                  \
+    const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 32 * j));          \
+    const __m256 lo = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));                                 \
+    const __m256 hi = _mm256_castsi256_ps(_mm256_and_si256(w, high_halves));                         \
+    c0##j = _mm256_fmadd_ps(o0, hi, _mm256_fmadd_ps(e0, lo, c0##j));                                 \
+    if constexpr (kRows > 1) c1##j = _mm256_fmadd_ps(o1, hi, _mm256_fmadd_ps(e1, lo, c1##j));        \
+    if constexpr (kRows > 2) c2##j = _mm256_fmadd_ps(o2, hi, _mm256_fmadd_ps(e2, lo, c2##j));        \
+  }
+#define NANOSERVE_ROW_STORE(r)                                                                       \
+  if constexpr (kRows > r) {                                                                         \
+    _mm256_storeu_ps(acc + r * kCols, c##r##0), _mm256_storeu_ps(acc + r * kCols + 8, c##r##1);      \
+    _mm256_storeu_ps(acc + r * kCols + 16, c##r##2), _mm256_storeu_ps(acc + r * kCols + 24, c##r##3); \
+  }
+
+template <int kRows>
+void dot_block(const float* x, int64_t K, const char* block, const char* stream_end, float* acc) {
+  static_assert(kRows >= 1 && kRows <= kRowTile);
+  const __m256i high_halves = _mm256_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
+  NANOSERVE_ROW_ACCUMULATORS(0) NANOSERVE_ROW_ACCUMULATORS(1) NANOSERVE_ROW_ACCUMULATORS(2)
+  const int64_t k_pairs = K / 2;
+  for (int64_t p = 0; p < k_pairs; ++p, block += kPairBytes) {
+    if (stream_end && p % 8 == 0 && block + kPrefetchBytes < stream_end) _mm_prefetch(block + kPrefetchBytes, _MM_HINT_T1);
+    NANOSERVE_ROW_INPUTS(0) NANOSERVE_ROW_INPUTS(1) NANOSERVE_ROW_INPUTS(2)
+    NANOSERVE_COLUMN_STEP(0) NANOSERVE_COLUMN_STEP(1) NANOSERVE_COLUMN_STEP(2) NANOSERVE_COLUMN_STEP(3)
+  }
+  NANOSERVE_ROW_STORE(0) NANOSERVE_ROW_STORE(1) NANOSERVE_ROW_STORE(2)
+}
+#undef NANOSERVE_ROW_ACCUMULATORS
+#undef NANOSERVE_ROW_INPUTS
+#undef NANOSERVE_COLUMN_STEP
+#undef NANOSERVE_ROW_STORE
+
+using DotBlock = void (*)(const float*, int64_t, const char*, const char*, float*);
+constexpr DotBlock kDotBlock[kRowTile + 1] = {nullptr, dot_block<1>, dot_block<2>, dot_block<3>};
+
+// acc (rows x 32) [* scale] + bias -> activation -> bf16 columns [n0, n0 + 32) of rows [0, rows)
+// of y; scale and bias (float32, per column) may be null. Columns past n_total are not written.
+inline void store_block(const float* acc, int rows, const float* scale, const float* bias, int64_t activation,
+                        at::BFloat16* y, int64_t ldy, int64_t n0, int64_t n_total) {
+  for (int q = 0; q < 4; ++q) {
+    const int64_t col = n0 + 8 * q;
+    if (col >= n_total) break;
+    const int64_t width = std::min<int64_t>(8, n_total - col);
+    float b[8] = {0, 0, 0, 0, 0, 0, 0, 0}, s[8] = {1, 1, 1, 1, 1, 1, 1, 1};
+    if (bias) std::memcpy(b, bias + col, width * sizeof(float));
+    if (scale) std::memcpy(s, scale + col, width * sizeof(float));
+    const __m256 bv = _mm256_loadu_ps(b), sv = _mm256_loadu_ps(s);
+    for (int m = 0; m < rows; ++m) {
+      __m256 v = _mm256_fmadd_ps(_mm256_loadu_ps(acc + m * kCols + 8 * q), sv, bv);
+      if (activation == kGeluTanh) v = gelu_tanh8(v);
+      const __m128i out = float8_to_bf16(v);
+      if (width == 8) {
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(y + m * ldy + col), out);
+      } else {
+        alignas(16) uint16_t tail[8];
+        _mm_store_si128(reinterpret_cast<__m128i*>(tail), out);
+        std::memcpy(y + m * ldy + col, tail, width * sizeof(uint16_t));
+      }
+    }
+  }
+}
+
+}  // namespace nanoserve_avx2
