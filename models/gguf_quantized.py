@@ -22,7 +22,8 @@ import torch.nn as nn
 from models.builtin import DEFAULT_MODEL, builtin_model_path
 from models.layers import Embedding, Linear
 from models.gguf_checkpoint import SUPPORTED_ARCHS, GGUFMetadata, gguf_state_dict
-from models.quantized_linear import Int4Linear, Int8GroupLinear, QuantizedEmbedding, QuantizedLinear
+from models.quantized_linear import (Int4Linear, Int8GroupLinear, QuantizedEmbedding, QuantizedLinear,
+                                     describe_paths)
 
 log = logging.getLogger(__name__)
 
@@ -95,11 +96,9 @@ def keep_gguf_weights(model: nn.Module, spec: str, use_kernel: bool = True) -> i
             linear.use_kernel(quantized)
             kept += 1
     others = sum(1 for m in model.modules() if isinstance(m, Linear) and m.kernel is None)
-    on_kernel = sum(1 for m in model.modules() if isinstance(getattr(m, "kernel", None), QuantizedLinear)
-                    and m.kernel.kernel is not None)
-    log.info("kept %d linear layers as the GGUF stores them (Q4_0/Q4_1/Q8_0, groups of 32; %d on the AVX512-BF16 "
-             "kernels, %d on the PyTorch reference path); %d in the model dtype (tensors of other types, or fused "
-             "with one)", kept, on_kernel, kept - on_kernel, others)
+    layers = [m.kernel for m in model.modules() if isinstance(getattr(m, "kernel", None), QuantizedLinear)]
+    log.info("kept %d linear layers as the GGUF stores them (Q4_0/Q4_1/Q8_0, groups of 32; %s); %d in the model "
+             "dtype (tensors of other types, or fused with one)", kept, describe_paths(layers), others)
     return kept
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from models.layers import Embedding, Linear, dense_layers
-from models.quantized_linear import Int4Linear, Int8Linear, QuantizedEmbedding, QuantizedLinear
+from models.quantized_linear import Int4Linear, Int8Linear, QuantizedEmbedding, QuantizedLinear, describe_paths
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +84,9 @@ def quantize_linear_layers(model: nn.Module, method: str, use_kernel: bool = Tru
         if name == "lm_head":
             for embedding in tied:
                 embedding.use_kernel(QuantizedEmbedding(quantized, embedding.weight.dtype))
-    with_kernel = sum(1 for m in model.modules() if isinstance(m, QuantizedLinear) and m.kernel is not None)
-    log.info("quantized %d linear layers to %s (%.0f -> %.0f MB of weights); %d on the AVX512-BF16 kernel, "
-             "%d on the PyTorch reference path", len(targets), method, before / 1e6, _weight_bytes(model) / 1e6,
-             with_kernel, len(targets) - with_kernel)
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    log.info("quantized %d linear layers to %s (%.0f -> %.0f MB of weights); %s", len(targets), method,
+             before / 1e6, _weight_bytes(model) / 1e6, describe_paths(layers))
     return len(targets)
 
 

@@ -8,13 +8,16 @@
 
 Each runs two paths over the same storage: a C++ kernel for bf16 activations on CPUs with
 AVX512-BF16 (models/csrc/int8_linear.cpp, int4_linear.cpp), which reads the quantized bytes and
-widens them in registers, and a PyTorch reference everywhere else (other CPUs, fp32 models, GPUs),
-which dequantizes the whole weight on every call. The weights are stored in the kernels' layout:
-64-column blocks of k-pairs (N padded to 64), the layout of the bf16 AVX512-BF16 kernel.
+widens them in registers, and a PyTorch reference everywhere else (fp32 models, GPUs), which
+dequantizes the whole weight on every call. On CPUs with AVX2 + FMA and no AVX-512, per-channel
+int8 has a kernel too (models/csrc/int8_avx2_linear.cpp, widening each block in cache); grouped
+int8 and 4-bit run the reference there. The weights are stored in the kernels' layout: 64-column
+blocks of k-pairs (N padded to 64), the layout of the bf16 AVX512-BF16 kernel.
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections import Counter
 from collections.abc import Callable
 
 import torch
@@ -99,9 +102,27 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def int8_kernel() -> Callable | None:
-    """The compiled int8 kernel, or None where this CPU or build cannot run it."""
+    """The compiled int8 kernel for this CPU (AVX512-BF16, else AVX2 + FMA), or None where none runs."""
     module = load_kernel("nanoserve_int8_linear", "int8_linear.cpp")
-    return module.int8_linear if module is not None and module.int8_linear_available() else None
+    if module is not None and module.int8_linear_available():
+        return module.int8_linear
+    return int8_avx2_kernel()
+
+
+def int8_avx2_kernel() -> Callable | None:
+    """The AVX2 + FMA int8 kernel (it builds on AVX-512 CPUs too, where the tests run it directly)."""
+    module = load_kernel("nanoserve_int8_avx2_linear", "int8_avx2_linear.cpp")
+    return module.int8_avx2_linear if module is not None and module.int8_avx2_available() else None
+
+
+_KERNEL_CPU = {"int8_avx2_linear": "AVX2"}  # kernel function -> the CPU feature it needs (else AVX512-BF16)
+
+
+def describe_paths(layers: list[QuantizedLinear]) -> str:
+    """Which path the layers take, for the load log: '47 on the AVX2 kernel, 2 on the PyTorch reference path'."""
+    paths = Counter("the PyTorch reference path" if m.kernel is None
+                    else f"the {_KERNEL_CPU.get(m.kernel.__name__, 'AVX512-BF16')} kernel" for m in layers)
+    return ", ".join(f"{count} on {path}" for path, count in paths.items()) or "none"
 
 
 class Int8Linear(QuantizedLinear):

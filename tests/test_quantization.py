@@ -11,7 +11,8 @@ from models.cpu_kernels import can_build
 from models.loader import load_model
 from models.quantization import make_quantized, quantize_linear_layers
 from models.quantized_linear import (Int4Linear, Int8Linear, QuantizedEmbedding, QuantizedLinear, int4_kernel,
-                                     int8_kernel, pack_nibbles, quantize_int4, quantize_int8, unpack_nibbles)
+                                     int8_avx2_kernel, int8_kernel, pack_nibbles, quantize_int4, quantize_int8,
+                                     unpack_nibbles)
 from server.config import EngineConfig
 from server.engine.engine import Engine
 from server.engine.speculative import SpeculativeConfig, draft_quantization
@@ -23,6 +24,12 @@ def has_avx512_bf16() -> bool:
 
 
 needs_kernel = pytest.mark.skipif(not (can_build() and has_avx512_bf16()), reason="needs AVX512-BF16 and a compiler")
+
+
+def skip_without_a_kernel(method: str) -> None:
+    """int8 has a kernel on AVX2 CPUs too; 4-bit only with AVX512-BF16."""
+    if (int8_kernel() if method == "int8" else int4_kernel()) is None:
+        pytest.skip(f"no {method} kernel on this CPU (the PyTorch reference runs)")
 
 
 def _linear(in_features: int, out_features: int, bias: bool = True) -> torch.nn.Linear:
@@ -81,13 +88,15 @@ def test_nibbles_round_trip_through_the_kernel_layout():
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("use_kernel", [False, pytest.param(True, marks=needs_kernel)])
+@pytest.mark.parametrize("use_kernel", [False, True])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 12, 13, 32, 64])
 @pytest.mark.parametrize("shape,bias", [((128, 96), True), ((128, 100), False), ((768, 2304), True)])
 def test_quantized_linear_equals_exact_math(method, use_kernel, rows, shape, bias):
     """Both paths, at row counts across the kernels' row tiles (int8: 6, int4: 3) and int8's
     widening hand-over (12), with N padded to whole 64-column blocks (100): within bf16
     rounding of the exact result."""
+    if use_kernel:
+        skip_without_a_kernel(method)
     linear = _linear(*shape, bias=bias).to(torch.bfloat16)
     layer = make_quantized(linear, method, use_kernel=use_kernel)
     assert (layer.kernel is not None) == use_kernel
@@ -98,11 +107,11 @@ def test_quantized_linear_equals_exact_math(method, use_kernel, rows, shape, bia
     torch.testing.assert_close(layer.forward_gelu_tanh(x).double(), F.gelu(expected, approximate="tanh"), **tolerance)
 
 
-@needs_kernel
 @pytest.mark.parametrize("method", ["int8", "int4"])
 def test_kernel_rows_do_not_depend_on_their_batch(method):
     """Row r of a batch is bit-identical to row r alone, in every kernel path (int8: in registers
     up to 12 rows, through the widened scratch beyond): what keeps greedy output batch-invariant."""
+    skip_without_a_kernel(method)
     layer = make_quantized(_linear(768, 3072).to(torch.bfloat16), method)
     x = torch.randn(40, 768).to(torch.bfloat16)
     alone = torch.cat([layer(x[i:i + 1]) for i in range(40)])
@@ -155,10 +164,10 @@ def _quantized_engine(name: str, method: str, fast_kernels: bool = True, **confi
     return Engine(loaded, EngineConfig(quantization=method, fast_kernels=fast_kernels, **config))
 
 
-@needs_kernel
 @pytest.mark.parametrize("method", ["int8", "int4"])
 def test_kernel_and_reference_path_give_the_same_greedy_tokens(method):
     """The same quantized model through the kernel and through the PyTorch reference."""
+    skip_without_a_kernel(method)
     prompts = make_prompts(4, seed=3)
     outputs = [[c[0].token_ids for c in _quantized_engine("random:tiny-qwen2", method, fast, num_kv_blocks=64,
                                                            block_size=4).generate(prompts, greedy())]
@@ -215,6 +224,31 @@ def test_quantized_model_weight_bytes(method, low, high):
 def test_kernels_are_available_where_the_cpu_has_avx512_bf16():
     if can_build() and has_avx512_bf16():
         assert int8_kernel() is not None and int4_kernel() is not None
+    if can_build() and "avx2" in open("/proc/cpuinfo").read():
+        assert int8_kernel() is not None and int8_avx2_kernel() is not None
+
+
+@pytest.mark.parametrize("shape,bias", [((768, 2304), True), ((3072, 768), False), ((128, 100), True), ((6, 33), True)])
+def test_the_avx2_int8_kernel_equals_exact_math_at_every_row_count(shape, bias):
+    """The AVX2 int8 kernel builds on every x86 CPU the tests run on (AVX-512 ones pick the
+    AVX512-BF16 kernel, so it is called directly here): rows 1..64 against exact math on the same
+    quantized weights; (128, 100) leaves a partial 32-column half-block, (6, 33) less than one."""
+    kernel = int8_avx2_kernel()
+    if kernel is None:
+        assert not can_build(), "a compiler is here, so the AVX2 int8 kernel must build"
+        pytest.skip("no compiler, or a CPU without AVX2 + FMA")
+    linear = _linear(*shape, bias=bias).to(torch.bfloat16)
+    layer = Int8Linear(linear, use_kernel=False)
+    x = torch.randn(64, shape[0]).to(torch.bfloat16)
+    batch = kernel(x, layer.qweight, layer.scale, layer.bias, shape[1], 0)
+    for rows in range(1, 65):
+        expected = _exact(x[:rows], "int8", linear)
+        tolerance = dict(atol=1e-2 * expected.abs().max().item(), rtol=1e-2)
+        y = kernel(x[:rows], layer.qweight, layer.scale, layer.bias, shape[1], 0)
+        torch.testing.assert_close(y.double(), expected, **tolerance)
+        assert torch.equal(y, batch[:rows]), "a row's result does not depend on its batch"
+        gelu = kernel(x[:rows], layer.qweight, layer.scale, layer.bias, shape[1], 1)
+        torch.testing.assert_close(gelu.double(), F.gelu(expected, approximate="tanh"), **tolerance)
 
 
 # ---- a model shared by engines, refusals ----------------------------------------------------

@@ -1,0 +1,110 @@
+// Linear layers over int8 weights (one fp32 scale per output channel) with AVX2 + FMA, for CPUs
+// without AVX-512, where int8_linear.cpp does not build. Half the bytes of bf16 stream from
+// memory; the widening happens in cache.
+//
+//   x (M, K) bf16 row-major     y (M, N) bf16 = (x @ Q^T) * scale + bias, optional GELU(tanh)
+//   Q int8 in int8_linear.cpp's layout: 64-column blocks of k-pairs (N padded to 64, K even):
+//     Q[n][k] at (n / 64) * (K * 64) + (k / 2) * 128 + (n % 64) * 2 + k % 2
+//
+//   Each 64-column block is widened once (exact: |q| <= 127 needs 7 mantissa bits) into two
+//   32-column bf16 blocks of bf16_avx2_block.h's layout, in a per-thread scratch that stays in L2,
+//   and every row tile reads that. The scale and bias are applied once per output in the
+//   epilogue. The products and their order do not depend on M, so neither does a row's result.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include "bf16_avx2_block.h"
+
+using namespace nanoserve_avx2;
+
+namespace {
+
+constexpr int64_t kInt8Cols = 2 * kCols;        // columns per int8 block: two bf16 blocks
+constexpr int64_t kInt8PairBytes = kInt8Cols * 2;  // one k-pair of an int8 block
+
+// One int8 block (K/2 k-pairs of 128 bytes) -> two bf16 blocks of 32 columns (K/2 k-pairs of 128
+// bytes each) at out and out + K * 64. stream_end: the end of this thread's int8 stream.
+void widen_block(const char* block, int64_t K, char* out, const char* stream_end) {
+  const int64_t half_bytes = K * kCols * 2;
+  for (int64_t p = 0; p < K / 2; ++p, block += kInt8PairBytes) {
+    if (p % 8 == 0 && block + kPrefetchBytes < stream_end) _mm_prefetch(block + kPrefetchBytes, _MM_HINT_T1);
+    for (int half = 0; half < 2; ++half) {
+      char* dst = out + half * half_bytes + p * kPairBytes;
+      for (int i = 0; i < 64; i += 8) {  // 8 int8 -> 8 float32 -> their top halves, the bf16s
+        const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(block + 64 * half + i));
+        const __m256i bits = _mm256_srli_epi32(_mm256_castps_si256(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q))), 16);
+        const __m128i bf16 = _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 2 * i), bf16);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+bool int8_avx2_available() { return true; }
+
+torch::Tensor int8_avx2_linear(torch::Tensor x, torch::Tensor qweight, torch::Tensor scale,
+                               c10::optional<torch::Tensor> bias, int64_t N, int64_t activation) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "bf16 (M, K) input");
+  const int64_t M = x.size(0), K = x.size(1);
+  const int64_t n_blocks = (N + kInt8Cols - 1) / kInt8Cols;
+  TORCH_CHECK(K % 2 == 0, "K must be even");
+  TORCH_CHECK(qweight.scalar_type() == at::kChar && qweight.is_contiguous() && qweight.numel() == n_blocks * kInt8Cols * K,
+              "int8 weight of (N padded to 64) x K elements in 64-column blocks");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == N, "float32 (N,) scale");
+  const float* bp = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N, "float32 (N,) bias");
+    bp = bias->data_ptr<float>();
+  }
+  const auto xf = x.to(at::kFloat).contiguous();  // (M, K): widened once, broadcast from L1
+  auto y = torch::empty({M, N}, x.options());
+  const char* w = reinterpret_cast<const char*>(qweight.data_ptr<int8_t>());
+  const float* sp = scale.data_ptr<float>();
+  const float* xp = xf.data_ptr<float>();
+  const int64_t block_bytes = K * kInt8Cols;
+  at::BFloat16* yp = y.data_ptr<at::BFloat16>();
+  at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
+    const char* stream_end = w + end * block_bytes;
+    alignas(32) float acc[kRowTile * kCols];
+    std::vector<uint16_t> widened(K * kInt8Cols);  // one int8 block as two bf16 blocks, per thread
+    char* scratch = reinterpret_cast<char*>(widened.data());
+    for (int64_t jb = begin; jb < end; ++jb) {
+      widen_block(w + jb * block_bytes, K, scratch, stream_end);
+      for (int half = 0; half < 2; ++half) {
+        const int64_t n0 = jb * kInt8Cols + half * kCols;
+        if (n0 >= N) break;
+        for (int64_t m0 = 0; m0 < M; m0 += kRowTile) {
+          const int rows = static_cast<int>(std::min<int64_t>(kRowTile, M - m0));
+          kDotBlock[rows](xp + m0 * K, K, scratch + half * K * kCols * 2, nullptr, acc);
+          store_block(acc, rows, sp, bp, activation, yp + m0 * N, N, n0, N);
+        }
+      }
+    }
+  });
+  return y;
+}
+
+#else  // built without AVX2 + FMA: the Python side keeps its PyTorch path
+
+bool int8_avx2_available() { return false; }
+
+torch::Tensor int8_avx2_linear(torch::Tensor, torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>, int64_t,
+                               int64_t) {
+  TORCH_CHECK(false, "built without AVX2 + FMA support");
+}
+
+#endif
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("int8_avx2_available", &int8_avx2_available, "whether this build has the AVX2 + FMA path");
+  m.def("int8_avx2_linear", &int8_avx2_linear, py::call_guard<py::gil_scoped_release>(),
+        "y = act((x @ Q^T) * scale + b) for per-channel int8 weights in 64-column blocks of k-pairs");
+}
