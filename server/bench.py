@@ -64,6 +64,18 @@ def gemm_peak_gflops(dtype: torch.dtype, device: torch.device, n: int = 2048, re
     return 2 * n**3 / best / 1e9
 
 
+def peak_dtype(loaded: LoadedModel) -> torch.dtype:
+    """The dtype whose matmul peak bounds this run: the model's, except bf16 on a CPU where oneDNN
+    has no bf16 path, whose linears (models/csrc/bf16_avx2_linear.cpp) multiply in float32 FMAs
+    (ATen's bf16 matmul there is ~3x slower than float32, so it would state a peak below the
+    kernel's own rate)."""
+    from models.fast_linear import onednn_packs_bf16
+
+    if loaded.device.type == "cpu" and loaded.dtype == torch.bfloat16 and not onednn_packs_bf16():
+        return torch.float32
+    return loaded.dtype
+
+
 def read_bandwidth_gbps(device: torch.device, nbytes: int = 512 * 2**20, repeats: int = 5) -> float:
     """Best-of-`repeats` GB/s of summing a float32 tensor far larger than the caches."""
     x = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
@@ -221,7 +233,7 @@ def run_bench(args) -> int:
         return 2
     matmul_params = matmul_params_per_token(loaded.model)  # the whole model's, before sharding
     on_gpu = loaded.device.type == "cuda"  # a GPU finishes 2048^3 in ~25 us: launch and sync would dominate
-    peak = gemm_peak_gflops(loaded.dtype, loaded.device, n=8192 if on_gpu else 2048)
+    peak = gemm_peak_gflops(peak_dtype(loaded), loaded.device, n=8192 if on_gpu else 2048)
     read_gbps = read_bandwidth_gbps(loaded.device, nbytes=(4096 if on_gpu else 512) * 2**20)
     hf_model = None
     if args.baseline == "hf":  # copy the weights before the engine packs them for oneDNN
