@@ -140,7 +140,10 @@ def _in_layout(packed: torch.Tensor, weight: torch.Tensor, layout: PackedLayout)
 class PackedLinear(nn.Module):
     """A Linear's kernel (models/layers.py) with the weight stored in oneDNN's blocked layout;
     decode-sized batches go to a small-batch kernel when one reads this CPU's layout. Where
-    oneDNN has no bf16 path, the AVX2 kernel packs the weight in its own layout and runs alone."""
+    oneDNN has no bf16 path, the AVX2 kernel packs the weight in its own layout and runs alone.
+
+    The kernels get the buffer's address, read once here: nothing may re-allocate
+    `packed_weight` afterwards (no `.to()`, `.float()` or `load_state_dict` on a packed model)."""
 
     def __init__(self, linear: nn.Linear, use_small_batch: bool = True):
         super().__init__()
@@ -230,7 +233,7 @@ def pack_linear_layers(model: nn.Module, use_small_batch: bool = True) -> int:
 
 def _pack_lm_head(model: nn.Module, use_small_batch: bool) -> bool:
     head = getattr(model, "lm_head", None)
-    if not isinstance(head, Linear) or head.kernel is not None:
+    if not isinstance(head, Linear) or head.kernel is not None or not can_pack_layer(head):
         return False
     packed = PackedLinear(head, use_small_batch)
     if packed.kernel is None:

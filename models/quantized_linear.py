@@ -9,9 +9,10 @@
 Each runs two paths over the same storage: a C++ kernel for bf16 activations on CPUs with
 AVX512-BF16 (models/csrc/int8_linear.cpp, int4_linear.cpp), which reads the quantized bytes and
 widens them in registers, and a PyTorch reference everywhere else (fp32 models, GPUs), which
-dequantizes the whole weight on every call. On CPUs with AVX2 + FMA and no AVX-512, per-channel
-int8 has a kernel too (models/csrc/int8_avx2_linear.cpp, widening each block in cache); grouped
-int8 and 4-bit run the reference there. The weights are stored in the kernels' layout: 64-column
+dequantizes the whole weight on every call. On x86 CPUs without AVX512-BF16 (AVX2-only ones,
+and AVX-512 ones without BF16 such as Skylake to Ice Lake), per-channel int8 has a kernel too
+(models/csrc/int8_avx2_linear.cpp, plain AVX2 + FMA, widening each block in cache); grouped int8
+and 4-bit run the reference there. The weights are stored in the kernels' layout: 64-column
 blocks of k-pairs (N padded to 64), the layout of the bf16 AVX512-BF16 kernel.
 """
 from __future__ import annotations

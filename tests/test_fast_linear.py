@@ -102,6 +102,25 @@ def test_the_avx2_kernel_matches_the_fp32_reference_at_every_row_count(in_featur
             _close_to_fp32(y, reference)
 
 
+def test_the_avx2_kernel_rounds_to_nearest_even_bit_for_bit():
+    """One-hot rows make each output W[n][k] + b[n], one float32 add (as in the kernel's
+    epilogue), then one rounding to bf16; biases with the low half exactly 0x8000 over zero weights
+    sit halfway between two bf16s, where truncating or rounding half up would differ."""
+    module = _avx2_kernel()
+    in_features, out_features = 64, 72
+    torch.manual_seed(0)
+    weight = torch.randn(out_features, in_features).to(torch.bfloat16)
+    weight[::3] = 0  # every third column of y is its bias alone
+    bias_bits = torch.randn(out_features).view(torch.int32) & ~0xFFFF | 0x8000  # halfway: ...1000 0000 0000 0000
+    bias_bits[1::2] |= 0x10000  # an odd bf16 below on odd columns: ties round up there
+    bias = bias_bits.view(torch.float32)
+    packed = PAIRS32_LAYOUT.order(weight).contiguous()
+    x = torch.eye(in_features, dtype=torch.bfloat16)  # row k picks W[:, k]
+    y = module.bf16_avx2_linear(x, packed.data_ptr(), packed.numel() * 2, bias, out_features, 0)
+    expected = (weight.float().T + bias).to(torch.bfloat16)  # (K, N): torch rounds to nearest even
+    assert torch.equal(y.view(torch.int16), expected.view(torch.int16))
+
+
 def test_the_avx2_kernel_refuses_a_buffer_too_small_for_its_shape():
     module = _avx2_kernel()
     packed = PAIRS32_LAYOUT.order(torch.ones(64, 32, dtype=torch.bfloat16)).contiguous()
