@@ -6,6 +6,17 @@ import pickle
 import pytest
 import torch
 
+def pytest_sessionstart(session) -> None:
+    """Build every C++ kernel once, before any test starts a server. A server that has to build
+    them spends its health-check budget compiling (minutes on a 2-core machine), and a server
+    stopped mid-build leaves torch's build lock behind, on which every later server then waits."""
+    from models.cpu_kernels import KERNELS, can_build, load_kernel
+
+    if can_build():
+        for name, source in KERNELS.items():
+            load_kernel(name, source)  # a failed build is test_cpu_kernels' to report
+
+
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256)
 
