@@ -23,16 +23,19 @@ def describe_decode_path(head_dim: int) -> str:
     kernel = decode_kernel()
     if kernel is None:
         return "PyTorch gather + SDPA (the fused kernel did not build)"
-    if kernel.has_avx512_path() and head_dim % 16 == 0:
-        return f"fused C++ kernel, AVX-512 single-pass online softmax (head dim {head_dim})"
-    return f"fused C++ kernel, portable three-pass path (head dim {head_dim})"
+    return f"fused C++ kernel, {DECODE_PATHS[kernel.path_for(head_dim)]} (head dim {head_dim})"
+
+
+DECODE_PATHS = {"avx512": "AVX-512 single-pass online softmax", "avx2": "AVX2 single-pass online softmax",
+                "portable": "portable three-pass path"}
 
 
 def fused_decode_attention(q: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor], block_tables: torch.Tensor,
-                           seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """q (S, H, D) against each sequence's cached keys/values -> (S, H, D)."""
+                           seq_lens: torch.Tensor, scale: float, path: str = "best") -> torch.Tensor:
+    """q (S, H, D) against each sequence's cached keys/values -> (S, H, D). `path` names one of
+    the kernel's `paths()` (it falls back to the next where the head dim has none)."""
     k_pool, v_pool = kv_cache
-    return decode_kernel().paged_decode_attention(q.contiguous(), k_pool, v_pool, block_tables, seq_lens, scale)
+    return decode_kernel().paged_decode_attention(q.contiguous(), k_pool, v_pool, block_tables, seq_lens, scale, path)
 
 
 def fused_decode_rows(q: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor], meta, scale: float) -> torch.Tensor:

@@ -12,6 +12,21 @@ from models.kv_int8 import quantize_rows
 
 H, KVH, D, BS = 4, 2, 8, 4
 
+DECODE_PATHS = ["avx512", "avx2", "portable"]  # the C++ decode kernel's paths, best first
+
+
+def decode_path_or_skip(path: str) -> str:
+    """`path` when the decode kernel built it on this CPU, else skip (AVX-512 on an AVX2 CPU)."""
+    from models.fused_attention import decode_kernel
+
+    kernel = decode_kernel()
+    if kernel is None:
+        assert not can_build(), "the fused kernel should build here: see tests/test_cpu_kernels.py"
+        pytest.skip("no compiler or ninja here: only the PyTorch path runs")
+    if path not in kernel.paths():
+        pytest.skip(f"this CPU has no {path} path (built: {kernel.paths()})")
+    return path
+
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """Reference: one sequence, queries at the end of k/v. q (T, H, D), k/v (L, KVH, D)."""
@@ -67,13 +82,14 @@ def test_cache_free_path_is_causal_per_sequence():
 @pytest.mark.skipif(not can_build(), reason="no compiler or ninja here: the fused kernel cannot build")
 @pytest.mark.parametrize("pool_dtype", [torch.bfloat16, torch.int8])
 @pytest.mark.parametrize("kv_heads", [KVH, H])
-def test_the_decode_kernel_does_not_depend_on_the_batch_or_the_threads(pool_dtype, kv_heads):
+@pytest.mark.parametrize("path", DECODE_PATHS)
+def test_the_decode_kernel_does_not_depend_on_the_batch_or_the_threads(pool_dtype, kv_heads, path):
     """Long and short sequences match the PyTorch path, and each sequence's output is bit for
     bit the same alone (split by KV head over the threads), in a batch (one task per sequence),
     and on one thread: greedy output must not depend on what else runs."""
-    from models.fused_attention import decode_kernel, fused_decode_attention
+    from models.fused_attention import fused_decode_attention
 
-    assert decode_kernel() is not None
+    decode_path_or_skip(path)
     gen, rng = torch.Generator().manual_seed(5), random.Random(5)
     head_dim, block_size = 64, 16
     lens = [600, 129, 7, 256, 300, 128, 1]
@@ -84,7 +100,7 @@ def test_the_decode_kernel_does_not_depend_on_the_batch_or_the_threads(pool_dtyp
     pool = tuple(quantize_rows(r) if pool_dtype == torch.int8 else r for r in rows)
     q = (3 * torch.randn(len(lens), H, head_dim, generator=gen)).bfloat16()
     meta = build_attention_metadata([1] * len(lens), lens, tables, block_size)
-    batched = fused_decode_attention(q, pool, meta.decode_block_tables, meta.decode_seq_lens, head_dim**-0.5)
+    batched = fused_decode_attention(q, pool, meta.decode_block_tables, meta.decode_seq_lens, head_dim**-0.5, path)
     nothing = torch.empty(0, kv_heads, head_dim).bfloat16()  # no new token: attend what the pools hold
     reference = paged_attention(q, nothing, nothing, pool, _without_store(meta), head_dim**-0.5)
     torch.testing.assert_close(batched, reference, atol=2e-2, rtol=2e-2)
@@ -94,7 +110,8 @@ def test_the_decode_kernel_does_not_depend_on_the_batch_or_the_threads(pool_dtyp
             torch.set_num_threads(num_threads)
             for s, n in enumerate(lens):
                 alone = build_attention_metadata([1], [n], [tables[s]], block_size)
-                out = fused_decode_attention(q[s:s + 1], pool, alone.decode_block_tables, alone.decode_seq_lens, head_dim**-0.5)
+                out = fused_decode_attention(q[s:s + 1], pool, alone.decode_block_tables, alone.decode_seq_lens, head_dim**-0.5,
+                                             path)
                 assert torch.equal(out[0], batched[s]), (num_threads, n)
     finally:
         torch.set_num_threads(threads)
@@ -161,17 +178,16 @@ def test_the_step_metadata_maps_each_new_token_to_its_slot(query_lens, seq_lens)
 @pytest.mark.parametrize("kv_heads", [KVH, H])
 @pytest.mark.parametrize("head_dim,block_size", [(D, BS), (64, 16), (128, 4), (48, 16)])
 @pytest.mark.parametrize("num_seqs", [1, 12])  # split by KV head over the threads / one task per sequence
-def test_fused_decode_kernel_matches_torch_path(dtype, kv_heads, head_dim, block_size, num_seqs):
-    """The optional C++ decode kernel against the gather + SDPA reference path.
+@pytest.mark.parametrize("path", DECODE_PATHS)
+def test_fused_decode_kernel_matches_torch_path(dtype, kv_heads, head_dim, block_size, num_seqs, path):
+    """Each path of the optional C++ decode kernel against the gather + SDPA reference path.
 
-    Head dims that are multiples of 16 take the AVX-512 online-softmax path where the CPU has
-    it (48 has no specialization and falls back); the others take the portable three-pass path.
+    The SIMD paths take head dims that are powers of two (AVX-512 from 16, AVX2 from 8); 48 has
+    no specialization and falls back to the portable three-pass path.
     """
-    from models.fused_attention import decode_kernel, fused_decode_attention
+    from models.fused_attention import fused_decode_attention
 
-    if decode_kernel() is None:
-        assert not can_build(), "the fused kernel should build here: see tests/test_cpu_kernels.py"
-        pytest.skip("no compiler or ninja here: only the PyTorch path runs")
+    decode_path_or_skip(path)
     gen, rng = torch.Generator().manual_seed(0), random.Random(0)
     lens = ([1, block_size, block_size + 1] + [rng.randint(1, 90) for _ in range(9)])[-num_seqs:]
     free = list(range(512))
@@ -182,6 +198,6 @@ def test_fused_decode_kernel_matches_torch_path(dtype, kv_heads, head_dim, block
     q = (3 * torch.randn(len(lens), H, head_dim, generator=gen)).to(dtype)  # peaked softmax too
     new_kv = torch.randn(len(lens), kv_heads, head_dim, generator=gen).to(dtype)
     reference = paged_attention(q, new_kv, new_kv, pool, meta, head_dim**-0.5)  # writes the new token too
-    fused = fused_decode_attention(q, pool, meta.block_tables, meta.decode_seq_lens, head_dim**-0.5)
+    fused = fused_decode_attention(q, pool, meta.block_tables, meta.decode_seq_lens, head_dim**-0.5, path)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(fused, reference, atol=tol, rtol=tol)

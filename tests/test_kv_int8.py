@@ -15,7 +15,7 @@ from models.loader import load_model
 from server.config import EngineConfig
 from server.engine.engine import Engine
 from server.engine.sampling_params import SamplingParams
-from tests.test_attention import dense_attention
+from tests.test_attention import DECODE_PATHS, decode_path_or_skip, dense_attention
 from tests.test_engine import assert_batch_invariant, greedy, make_prompts
 
 H, KVH, D, BS = 4, 2, 8, 4
@@ -119,14 +119,15 @@ def test_mixed_batch_over_an_int8_pool_is_dense_attention_over_the_dequantized_c
 @pytest.mark.parametrize("kv_heads", [1, 2, 4])
 @pytest.mark.parametrize("head_dim,block_size", [(8, 4), (64, 16), (128, 4), (128, 16), (256, 16), (48, 16)])
 @pytest.mark.parametrize("num_seqs", [1, 10])
-def test_fused_decode_kernel_reads_int8_rows_like_the_torch_path(dtype, kv_heads, head_dim, block_size, num_seqs):
-    """The C++ kernel scales int8 rows in registers (AVX-512 for head dims 16-256 in powers of 2,
-    the portable path for 8 and 48); the PyTorch path dequantizes what it gathered. One sequence
-    is split by KV head over the threads, ten are one task each; block size 16 takes the 16-score
-    tree on full chunks."""
-    from models.fused_attention import decode_kernel, fused_decode_attention
+@pytest.mark.parametrize("path", DECODE_PATHS)
+def test_fused_decode_kernel_reads_int8_rows_like_the_torch_path(dtype, kv_heads, head_dim, block_size, num_seqs, path):
+    """Each path of the C++ kernel scales int8 rows in registers (AVX-512 for head dims 16-256 in
+    powers of 2, AVX2 for 8-256, the portable path for 48 and the rest); the PyTorch path
+    dequantizes what it gathered. One sequence is split by KV head over the threads, ten are one
+    task each; block size 16 takes the 16-score tree on full chunks (two 8-score ones on AVX2)."""
+    from models.fused_attention import fused_decode_attention
 
-    assert decode_kernel() is not None
+    decode_path_or_skip(path)
     gen, rng = torch.Generator().manual_seed(1), random.Random(1)
     lens = ([1, block_size, block_size + 1] + [rng.randint(1, 90) for _ in range(7)])[-num_seqs:]
     free = list(range(512))
@@ -137,7 +138,7 @@ def test_fused_decode_kernel_reads_int8_rows_like_the_torch_path(dtype, kv_heads
     q = (3 * torch.randn(len(lens), 4, head_dim, generator=gen)).to(dtype)
     new_kv = torch.randn(len(lens), kv_heads, head_dim, generator=gen).to(dtype)
     reference = paged_attention(q, new_kv, new_kv, pool, meta, head_dim**-0.5)  # quantizes the new token in
-    fused = fused_decode_attention(q, pool, meta.block_tables, meta.decode_seq_lens, head_dim**-0.5)
+    fused = fused_decode_attention(q, pool, meta.block_tables, meta.decode_seq_lens, head_dim**-0.5, path)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(fused, reference, atol=tol, rtol=tol)
 

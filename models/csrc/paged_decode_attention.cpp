@@ -7,21 +7,26 @@
 // A pool has q's dtype (W = D), or is int8 (W = D + 4: D values, then the row's float32 scale,
 // models/kv_int8.py); int8 rows are widened and scaled to float32 as they are read.
 //
-// Two implementations of the same math, all accumulation in float32:
-// - AVX-512 (D a multiple of 16): one task per sequence (or per (sequence, KV head) when the
+// Three implementations of the same math, all accumulation in float32:
+// - AVX-512 (D a power of two, 16 to 256): one task per sequence (or per (sequence, KV head) when the
 //   batch is shorter than two sequences a thread), a single pass over the cache with an online
 //   softmax (flash-decoding style), 16 tokens at a time. Blocks are the outer loop and heads the
 //   inner one, so each block's rows are read as one contiguous stretch, and the next blocks are
 //   prefetched whole while the current one is scored, because blocks are scattered and hardware
 //   prefetchers stop at block edges. Decode attention is bound by reading the cache, so that is
 //   what it optimizes. A store kernel quantizes new rows into an int8 pool.
+// - AVX2 + FMA (D a power of two, 16 to 256), for CPUs without AVX-512: the same walk and online
+//   softmax, 16 tokens at a time on 8-lane vectors.
 // - Portable: one task per sequence, three passes (scores, softmax, weighted values).
+// `paged_decode_attention(..., path)` takes the best path built here that serves D, or a named
+// one (and what follows it), so the tests run every path this CPU can.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -108,8 +113,278 @@ static void decode_sequence(const T* q, const P* k_pool, const P* v_pool, const 
     for (int64_t d = 0; d < D; ++d) out[h * D + d] = static_cast<T>(acc[h * D + d] * inv_sum[h]);
 }
 
-#if defined(__AVX512F__)
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
+
+#define NANOSERVE_HAS_SIMD 1
+
+// The float32 scale stored after an int8 row's D values (1 for rows of other dtypes).
+template <typename P>
+static inline float row_scale(const P*, int64_t) { return 1.0f; }
+static inline float row_scale(const int8_t* row, int64_t D) {
+  float scale;
+  std::memcpy(&scale, row + D, sizeof(float));
+  return scale;
+}
+
+constexpr int64_t kPrefetchBlocks = 2;  // blocks in flight ahead of the one being read (1: ~8% slower, 4: no better)
+
+template <int kHint = _MM_HINT_T0>
+static inline void prefetch_rows(const char* first, int64_t rows, int64_t stride, int64_t bytes) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(first + r * stride + b, static_cast<_mm_hint>(kHint));
+    _mm_prefetch(first + r * stride + bytes - 1, static_cast<_mm_hint>(kHint));  // an unaligned span's last line
+  }
+}
+
+// Online-softmax state of NQ query heads, in one 64-byte-aligned float buffer:
+// queries (NQ, D) pre-scaled, accumulators (NQ, D), running max (NQ), running sum (NQ).
+struct HeadStates {
+  float *queries, *accs, *running_max, *running_sum;
+  HeadStates(std::vector<float>& buf, int64_t NQ, int64_t D) {
+    buf.resize(2 * NQ * D + 2 * NQ + 16);
+    float* base = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t(63));
+    queries = base, accs = base + NQ * D, running_max = accs + NQ * D, running_sum = running_max + NQ;
+  }
+};
+
+// Work items of a decode batch: (sequence, slice of the KV heads); whole sequences when there
+// are at least two per thread, else one KV head each (a short batch still spreads over every
+// thread). fn(q, table, len, h0, h1, out, buf) serves KV heads [h0, h1) of one sequence.
+template <typename T, typename Fn>
+static void for_each_item(const T* q, const int64_t* tables, const int64_t* lens, int64_t S, int64_t MB, T* out,
+                          const Shape& sh, Fn fn) {
+  const int64_t threads = at::get_num_threads();
+  const int64_t slices = S >= 2 * threads ? 1 : sh.KVH;
+  at::parallel_for(0, S * slices, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t s = item / slices, slice = item % slices;
+      TORCH_CHECK(lens[s] >= 1 && lens[s] <= MB * sh.BS, "sequence length outside its block table");
+      const int64_t h0 = slice * sh.KVH / slices, h1 = (slice + 1) * sh.KVH / slices;
+      fn(q + s * sh.H * sh.D, tables + s * MB, lens[s], h0, h1, out + s * sh.H * sh.D, buf);
+    }
+  });
+}
+
+// ---- AVX2 + FMA: the single-pass path for CPUs without AVX-512 ------------------------------
+//
+// attend_chunk's algorithm on 8 lanes, 16 tokens a chunk (so the softmax bookkeeping is paid
+// once per 16 tokens, as on AVX-512). A head's D values are read 16 at a time into two float32
+// vectors. For bf16 those are the even and the odd elements (a shift and a mask of one 256-bit
+// load, no shuffle: the cache read is the hot loop); queries and accumulators are kept in the
+// same lane order, and the output is written back in element order.
+
+#include "avx2_math.h"
+
+// 16 values of the pool's dtype as two float32 vectors, in the lane order of element_at.
+static inline void load_pair(const c10::BFloat16* p, __m256& a, __m256& b) {
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  a = _mm256_castsi256_ps(_mm256_slli_epi32(bits, 16));                                 // elements 0, 2, .. 14
+  b = _mm256_castsi256_ps(_mm256_and_si256(bits, _mm256_set1_epi32(0xFFFF0000u)));      // elements 1, 3, .. 15
+}
+static inline void load_pair(const float* p, __m256& a, __m256& b) { a = _mm256_loadu_ps(p), b = _mm256_loadu_ps(p + 8); }
+static inline void load_pair(const c10::Half* p, __m256& a, __m256& b) {
+  a = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  b = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
+}
+static inline void load_pair(const int8_t* p, __m256& a, __m256& b) {  // unscaled: the caller applies the row's scale
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  a = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
+  b = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(bytes, 8)));
+}
+
+// The element of a 16-value group that lane slot s (0-7: vector a, 8-15: vector b) holds.
+template <typename P>
+static constexpr int element_at(int s) {
+  if constexpr (std::is_same_v<P, c10::BFloat16>) return s < 8 ? 2 * s : 2 * (s - 8) + 1;
+  else return s;
+}
+
+static inline float sum_of_lanes8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+static inline float max_of_lanes8(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+}
+
+// s[t] = the sum of d[t]'s 8 lanes, for 8 vectors at once: 6 horizontal adds leave the sums of
+// each vector's low and high 128-bit halves side by side; one cross-half add finishes them.
+static inline __m256 sum_lanes8(const __m256* d) {
+  const __m256 t01 = _mm256_hadd_ps(d[0], d[1]), t23 = _mm256_hadd_ps(d[2], d[3]);
+  const __m256 t45 = _mm256_hadd_ps(d[4], d[5]), t67 = _mm256_hadd_ps(d[6], d[7]);
+  const __m256 u0 = _mm256_hadd_ps(t01, t23), u1 = _mm256_hadd_ps(t45, t67);  // lanes 0-3: low halves of 4 tokens, 4-7: high
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+static inline __m256 lanes_below(int n) {  // lane t all ones where t < n
+  return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+}
+
+// One chunk of n <= 16 cached tokens of one KV head folded into the state of the G query heads
+// that share it. NP = D / 16 groups of 16 values a head row. Loops run over the groups outside
+// and 8 tokens inside, so the 8 dot vectors stay in AVX2's 16 registers.
+template <typename P, int NP, bool kWiden>
+static inline void attend_chunk_avx2(const P* keys, const P* values, int64_t row, int n, int64_t G, float* queries,
+                                     float* accs, float* running_max, float* running_sum) {
+  constexpr int D = 16 * NP;
+  constexpr int kGroups = NP < 4 ? NP : 4;  // value groups accumulated at once: 8 vectors in registers
+  constexpr bool kInt8 = std::is_same_v<P, int8_t>;
+  alignas(32) float keys_f[kWiden ? 16 * D : 1], values_f[kWiden ? 16 * D : 1];  // (16, D) widened chunk, lane order
+  alignas(32) float weights[16], k_scales[16], v_scales[16];
+  auto key = [&](int t, int j, __m256& a, __m256& b) {
+    if constexpr (kWiden) a = _mm256_load_ps(keys_f + t * D + 16 * j), b = _mm256_load_ps(keys_f + t * D + 16 * j + 8);
+    else load_pair(keys + t * row + 16 * j, a, b);
+  };
+  auto value = [&](int t, int j, __m256& a, __m256& b) {
+    if constexpr (kWiden) a = _mm256_load_ps(values_f + t * D + 16 * j), b = _mm256_load_ps(values_f + t * D + 16 * j + 8);
+    else load_pair(values + t * row + 16 * j, a, b);
+  };
+  if constexpr (kWiden) {
+    for (int t = 0; t < n; ++t) {
+      const __m256 k_scale = _mm256_set1_ps(row_scale(keys + t * row, D));
+      const __m256 v_scale = _mm256_set1_ps(row_scale(values + t * row, D));
+      for (int j = 0; j < NP; ++j) {
+        __m256 ka, kb, va, vb;
+        load_pair(keys + t * row + 16 * j, ka, kb);
+        load_pair(values + t * row + 16 * j, va, vb);
+        if constexpr (kInt8) ka = _mm256_mul_ps(ka, k_scale), kb = _mm256_mul_ps(kb, k_scale), va = _mm256_mul_ps(va, v_scale),
+                             vb = _mm256_mul_ps(vb, v_scale);
+        _mm256_store_ps(keys_f + t * D + 16 * j, ka), _mm256_store_ps(keys_f + t * D + 16 * j + 8, kb);
+        _mm256_store_ps(values_f + t * D + 16 * j, va), _mm256_store_ps(values_f + t * D + 16 * j + 8, vb);
+      }
+    }
+  } else if constexpr (kInt8) {
+    for (int t = 0; t < n; ++t) k_scales[t] = row_scale(keys + t * row, D), v_scales[t] = row_scale(values + t * row, D);
+  }
+  // scores of tokens first .. first + count - 1 (count <= 8) against one query head; lanes past count hold 0
+  auto scores8 = [&](const float* qh, int first, int count) {
+    __m256 dots[8];
+    for (int t = 0; t < 8; ++t) dots[t] = _mm256_setzero_ps();
+    for (int j = 0; j < NP; ++j) {
+      const __m256 qa = _mm256_load_ps(qh + 16 * j), qb = _mm256_load_ps(qh + 16 * j + 8);
+      for (int t = 0; t < count; ++t) {
+        __m256 ka, kb;
+        key(first + t, j, ka, kb);
+        dots[t] = _mm256_fmadd_ps(qb, kb, _mm256_fmadd_ps(qa, ka, dots[t]));
+      }
+    }
+    return sum_lanes8(dots);
+  };
+  const __m256 valid_lo = lanes_below(n), valid_hi = lanes_below(n - 8);
+  for (int64_t g = 0; g < G; ++g) {
+    const float* qh = queries + g * D;
+    __m256 lo = n >= 8 ? scores8(qh, 0, 8) : scores8(qh, 0, n);  // a constant count unrolls whole
+    __m256 hi = n == 16 ? scores8(qh, 8, 8) : n > 8 ? scores8(qh, 8, n - 8) : _mm256_setzero_ps();
+    if constexpr (kInt8 && !kWiden)
+      lo = _mm256_mul_ps(lo, _mm256_load_ps(k_scales)), hi = _mm256_mul_ps(hi, _mm256_load_ps(k_scales + 8));
+    lo = _mm256_blendv_ps(_mm256_set1_ps(-1e30f), lo, valid_lo);
+    hi = _mm256_blendv_ps(_mm256_set1_ps(-1e30f), hi, valid_hi);
+    const float new_max = std::max(running_max[g], max_of_lanes8(_mm256_max_ps(lo, hi)));
+    const __m256 shift = _mm256_set1_ps(new_max);
+    const __m256 probs_lo = _mm256_and_ps(valid_lo, exp8(_mm256_sub_ps(lo, shift)));
+    const __m256 probs_hi = _mm256_and_ps(valid_hi, exp8(_mm256_sub_ps(hi, shift)));
+    const float rescale = std::exp(running_max[g] - new_max);
+    running_sum[g] = running_sum[g] * rescale + sum_of_lanes8(_mm256_add_ps(probs_lo, probs_hi));
+    running_max[g] = new_max;
+    if constexpr (kInt8 && !kWiden) {  // an int8 row's scale folds into its softmax weight
+      _mm256_store_ps(weights, _mm256_mul_ps(probs_lo, _mm256_load_ps(v_scales)));
+      _mm256_store_ps(weights + 8, _mm256_mul_ps(probs_hi, _mm256_load_ps(v_scales + 8)));
+    } else {
+      _mm256_store_ps(weights, probs_lo), _mm256_store_ps(weights + 8, probs_hi);
+    }
+    // acc = acc * rescale + sum_t w_t v_t, kGroups groups (2 kGroups independent FMA chains) at a time
+    float* acc_g = accs + g * D;
+    for (int j0 = 0; j0 < NP; j0 += kGroups) {
+      __m256 acc[2 * kGroups];
+      for (int i = 0; i < 2 * kGroups; ++i) acc[i] = _mm256_mul_ps(_mm256_load_ps(acc_g + 16 * j0 + 8 * i), _mm256_set1_ps(rescale));
+      for (int t = 0; t < n; ++t) {
+        const __m256 w = _mm256_set1_ps(weights[t]);
+        for (int j = 0; j < kGroups; ++j) {
+          __m256 va, vb;
+          value(t, j0 + j, va, vb);
+          acc[2 * j] = _mm256_fmadd_ps(w, va, acc[2 * j]), acc[2 * j + 1] = _mm256_fmadd_ps(w, vb, acc[2 * j + 1]);
+        }
+      }
+      for (int i = 0; i < 2 * kGroups; ++i) _mm256_store_ps(acc_g + 16 * j0 + 8 * i, acc[i]);
+    }
+  }
+}
+
+// KV heads [h0, h1) of one sequence and the query heads that share them: decode_heads_avx512's
+// walk (blocks outside, heads inside, the next blocks prefetched whole). The prefetches go to L2
+// (T1): a block's rows for every head overflow a 32 KB L1, and T0 measured slower here.
+template <typename T, typename P, int NP, bool kWiden>
+static void decode_heads_avx2(const T* q, const P* k_pool, const P* v_pool, const int64_t* table, int64_t len,
+                              int64_t h0, int64_t h1, int64_t G, T* out, const Shape& sh, std::vector<float>& buf) {
+  constexpr int D = 16 * NP;
+  const int64_t row = sh.KVH * sh.W;  // elements between consecutive tokens of a block
+  const int64_t NQ = (h1 - h0) * G;   // query heads served, adjacent in q from query head h0 * G
+  HeadStates st(buf, NQ, D);
+  for (int64_t j = 0; j < NQ; ++j) {  // queries scaled into the pool's lane order
+    const T* qj = q + (h0 * G + j) * D;
+    for (int s = 0; s < D; ++s) st.queries[j * D + s] = static_cast<float>(qj[s / 16 * 16 + element_at<P>(s % 16)]) * sh.scale;
+    std::fill(st.accs + j * D, st.accs + (j + 1) * D, 0.0f);
+    st.running_max[j] = -1e30f;
+    st.running_sum[j] = 0.0f;
+  }
+  const int64_t span_bytes = (h1 - h0) * sh.W * static_cast<int64_t>(sizeof(P));  // heads h0..h1 of one token
+  const int64_t num_blocks = (len + sh.BS - 1) / sh.BS;
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    const int64_t block = table[b] * sh.BS * row;  // token 0 of block b
+    const int64_t in_block = std::min(sh.BS, len - b * sh.BS);
+    for (int64_t ahead = (b == 0 ? 1 : kPrefetchBlocks); ahead <= kPrefetchBlocks; ++ahead) {  // keep blocks b+1.. in flight
+      if (b + ahead >= num_blocks) break;
+      const int64_t next = table[b + ahead] * sh.BS * row + h0 * sh.W;
+      const int64_t rows = std::min(sh.BS, len - (b + ahead) * sh.BS);
+      prefetch_rows<_MM_HINT_T1>(reinterpret_cast<const char*>(k_pool + next), rows, row * sizeof(P), span_bytes);
+      prefetch_rows<_MM_HINT_T1>(reinterpret_cast<const char*>(v_pool + next), rows, row * sizeof(P), span_bytes);
+    }
+    for (int64_t h = h0; h < h1; ++h) {
+      const int64_t j = (h - h0) * G;
+      for (int64_t c = 0; c < in_block; c += 16) {
+        const int64_t at = block + c * row + h * sh.W;
+        attend_chunk_avx2<P, NP, kWiden>(k_pool + at, v_pool + at, row, static_cast<int>(std::min<int64_t>(16, in_block - c)), G,
+                                         st.queries + j * D, st.accs + j * D, st.running_max + j, st.running_sum + j);
+      }
+    }
+  }
+  for (int64_t j = 0; j < NQ; ++j) {
+    const float inv = 1.0f / st.running_sum[j];
+    T* oj = out + (h0 * G + j) * D;
+    for (int s = 0; s < D; ++s) oj[s / 16 * 16 + element_at<P>(s % 16)] = static_cast<T>(st.accs[j * D + s] * inv);
+  }
+}
+
+// The AVX2 path for head dims of 16 to 256 in powers of two (false: the caller falls back).
+template <typename T, typename P>
+static bool decode_all_avx2(const T* q, const P* k_pool, const P* v_pool, const int64_t* tables, const int64_t* lens,
+                            int64_t S, int64_t MB, T* out, const Shape& sh) {
+  const int64_t G = sh.H / sh.KVH;
+  auto run = [&](auto heads) {
+    for_each_item(q, tables, lens, S, MB, out, sh, [&](const T* qs, const int64_t* table, int64_t len, int64_t h0, int64_t h1,
+                                                       T* os, std::vector<float>& buf) {
+      heads(qs, k_pool, v_pool, table, len, h0, h1, G, os, sh, buf);
+    });
+  };
+  const bool widen = G > 1;  // a GQA group widens each chunk once for its heads; a lone head reads the pool
+  switch (sh.D) {
+    case 16: widen ? run(decode_heads_avx2<T, P, 1, true>) : run(decode_heads_avx2<T, P, 1, false>); return true;
+    case 32: widen ? run(decode_heads_avx2<T, P, 2, true>) : run(decode_heads_avx2<T, P, 2, false>); return true;
+    case 64: widen ? run(decode_heads_avx2<T, P, 4, true>) : run(decode_heads_avx2<T, P, 4, false>); return true;
+    case 128: widen ? run(decode_heads_avx2<T, P, 8, true>) : run(decode_heads_avx2<T, P, 8, false>); return true;
+    case 256: widen ? run(decode_heads_avx2<T, P, 16, true>) : run(decode_heads_avx2<T, P, 16, false>); return true;
+    default: return false;
+  }
+}
+
+#endif  // AVX2 + FMA + F16C
+
+#if defined(__AVX512F__) && defined(NANOSERVE_HAS_SIMD)
 
 #include "avx512_math.h"
 
@@ -128,24 +403,6 @@ static inline __m512 load16(const int8_t* p) {  // unscaled: the row's scale is 
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
 
-// The float32 scale stored after an int8 row's D values (1 for rows of other dtypes).
-template <typename P>
-static inline float row_scale(const P*, int64_t) { return 1.0f; }
-static inline float row_scale(const int8_t* row, int64_t D) {
-  float scale;
-  std::memcpy(&scale, row + D, sizeof(float));
-  return scale;
-}
-
-constexpr int64_t kPrefetchBlocks = 2;  // blocks in flight ahead of the one being read (1: ~8% slower, 4: no better)
-
-static inline void prefetch_rows(const char* first, int64_t rows, int64_t stride, int64_t bytes) {
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(first + r * stride + b, _MM_HINT_T0);
-    _mm_prefetch(first + r * stride + bytes - 1, _MM_HINT_T0);  // an unaligned span's last line
-  }
-}
-
 // s[t] = the sum of d[t]'s 16 lanes, for 16 vectors at once: a transpose-and-add tree of 46
 // instructions, where a horizontal reduction per vector costs about 8 each.
 static inline __m512 sum_lanes16(const __m512* d) {
@@ -160,17 +417,6 @@ static inline __m512 sum_lanes16(const __m512* d) {
   const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);  // s[4k + p] is token 4p + k
   return _mm512_permutexvar_ps(order, s);
 }
-
-// Online-softmax state of NQ query heads, in one 64-byte-aligned float buffer:
-// queries (NQ, D) pre-scaled, accumulators (NQ, D), running max (NQ), running sum (NQ).
-struct HeadStates {
-  float *queries, *accs, *running_max, *running_sum;
-  HeadStates(std::vector<float>& buf, int64_t NQ, int64_t D) {
-    buf.resize(2 * NQ * D + 2 * NQ + 16);
-    float* base = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t(63));
-    queries = base, accs = base + NQ * D, running_max = accs + NQ * D, running_sum = running_max + NQ;
-  }
-};
 
 // One chunk of n <= 16 cached tokens of one KV head (`keys`, `values`: token 0 of the chunk,
 // consecutive tokens `row` elements apart) folded into the state of the G query heads that
@@ -288,19 +534,10 @@ template <typename T, typename P>
 static bool decode_all_avx512(const T* q, const P* k_pool, const P* v_pool, const int64_t* tables, const int64_t* lens,
                               int64_t S, int64_t MB, T* out, const Shape& sh) {
   const int64_t G = sh.H / sh.KVH;
-  // Work items: (sequence, slice of the KV heads); whole sequences when there are at least two
-  // per thread, else one KV head each (a short batch still spreads over every thread).
-  const int64_t threads = at::get_num_threads();
-  const int64_t slices = S >= 2 * threads ? 1 : sh.KVH;
-  auto run = [&](auto fn) {
-    at::parallel_for(0, S * slices, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> buf;
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t s = item / slices, slice = item % slices;
-        TORCH_CHECK(lens[s] >= 1 && lens[s] <= MB * sh.BS, "sequence length outside its block table");
-        const int64_t h0 = slice * sh.KVH / slices, h1 = (slice + 1) * sh.KVH / slices;
-        fn(q + s * sh.H * sh.D, k_pool, v_pool, tables + s * MB, lens[s], h0, h1, G, out + s * sh.H * sh.D, sh, buf);
-      }
+  auto run = [&](auto heads) {
+    for_each_item(q, tables, lens, S, MB, out, sh, [&](const T* qs, const int64_t* table, int64_t len, int64_t h0, int64_t h1,
+                                                       T* os, std::vector<float>& buf) {
+      heads(qs, k_pool, v_pool, table, len, h0, h1, G, os, sh, buf);
     });
   };
   // a GQA group widens each chunk once for its heads; a lone head reads the pool directly
@@ -316,14 +553,44 @@ static bool decode_all_avx512(const T* q, const P* k_pool, const P* v_pool, cons
 }
 #endif  // __AVX512F__
 
+// The code paths, best first. A request for one takes the next that serves the head dim.
+enum class Path { kAvx512 = 0, kAvx2 = 1, kPortable = 2 };
+static const char* const kPathNames[] = {"avx512", "avx2", "portable"};
+
+static bool power_of_two_between(int64_t D, int64_t lo, int64_t hi) { return D >= lo && D <= hi && (D & (D - 1)) == 0; }
+
+// What runs for head dim D when `start` or a lesser path is asked for (q float32/bf16/fp16).
+static Path path_for(int64_t D, Path start) {
+#ifdef NANOSERVE_HAS_AVX512
+  if (start <= Path::kAvx512 && power_of_two_between(D, 16, 256)) return Path::kAvx512;
+#endif
+#ifdef NANOSERVE_HAS_SIMD
+  if (start <= Path::kAvx2 && power_of_two_between(D, 16, 256)) return Path::kAvx2;
+#endif
+  return Path::kPortable;
+}
+
+static Path parse_path(const std::string& name) {
+  if (name == "best") return Path::kAvx512;
+  for (int p = 0; p < 3; ++p)
+    if (name == kPathNames[p]) return static_cast<Path>(p);
+  TORCH_CHECK(false, "unknown decode path '", name, "' (best, avx512, avx2 or portable)");
+}
+
 template <typename T, typename P>
 static void decode_all(const T* qp, const P* kp, const P* vp, const int64_t* tp, const int64_t* lp, int64_t S, int64_t MB,
-                       T* op, const Shape& sh) {
+                       T* op, const Shape& sh, Path path) {
+  if constexpr (!std::is_same_v<T, double>) {  // the SIMD paths take float32, bf16 and fp16 queries
+    switch (path_for(sh.D, path)) {
 #ifdef NANOSERVE_HAS_AVX512
-  if constexpr (!std::is_same_v<T, double>) {
-    if (decode_all_avx512<T, P>(qp, kp, vp, tp, lp, S, MB, op, sh)) return;
-  }
+      case Path::kAvx512: if (decode_all_avx512<T, P>(qp, kp, vp, tp, lp, S, MB, op, sh)) return; break;
 #endif
+#ifdef NANOSERVE_HAS_SIMD
+      case Path::kAvx2: if (decode_all_avx2<T, P>(qp, kp, vp, tp, lp, S, MB, op, sh)) return; break;
+#endif
+      default: break;
+    }
+  }
   at::parallel_for(0, S, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> buf;
     for (int64_t s = begin; s < end; ++s) {
@@ -334,7 +601,9 @@ static void decode_all(const T* qp, const P* kp, const P* vp, const int64_t* tp,
 }
 
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_pool, torch::Tensor v_pool,
-                                     torch::Tensor block_tables, torch::Tensor seq_lens, double scale) {
+                                     torch::Tensor block_tables, torch::Tensor seq_lens, double scale,
+                                     const std::string& path) {
+  const Path start = parse_path(path);
   TORCH_CHECK(q.is_contiguous() && k_pool.is_contiguous() && v_pool.is_contiguous(), "contiguous inputs required");
   TORCH_CHECK(block_tables.scalar_type() == torch::kInt64 && seq_lens.scalar_type() == torch::kInt64, "int64 tables");
   const bool int8_pool = k_pool.scalar_type() == torch::kChar;
@@ -351,10 +620,10 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_pool, torc
     const int64_t* lp = lens.data_ptr<int64_t>();
     if (int8_pool)
       decode_all(q.data_ptr<scalar_t>(), k_pool.data_ptr<int8_t>(), v_pool.data_ptr<int8_t>(), tp, lp, S, MB,
-                 out.data_ptr<scalar_t>(), sh);
+                 out.data_ptr<scalar_t>(), sh, start);
     else
       decode_all(q.data_ptr<scalar_t>(), k_pool.data_ptr<scalar_t>(), v_pool.data_ptr<scalar_t>(), tp, lp, S, MB,
-                 out.data_ptr<scalar_t>(), sh);
+                 out.data_ptr<scalar_t>(), sh, start);
   });
   return out;
 }
@@ -440,7 +709,7 @@ torch::Tensor store_and_decode(torch::Tensor q, torch::Tensor k, torch::Tensor v
                                torch::Tensor v_pool, torch::Tensor slot_mapping, torch::Tensor block_tables,
                                torch::Tensor seq_lens, double scale) {
   store_kv(k_pool, v_pool, slot_mapping, k, v);
-  return paged_decode_attention(q.contiguous(), k_pool, v_pool, block_tables, seq_lens, scale);
+  return paged_decode_attention(q.contiguous(), k_pool, v_pool, block_tables, seq_lens, scale, "best");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -448,10 +717,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "write new K and V rows into their pools at their slots, quantized for int8 pools (CPU)");
   m.def("store_and_decode", &store_and_decode, py::call_guard<py::gil_scoped_release>(),
         "a decode-only step: store the new K/V rows, then paged decode attention (CPU)");
-  m.def("paged_decode_attention", &paged_decode_attention, py::call_guard<py::gil_scoped_release>(), "paged decode attention (CPU)");
+  m.def("paged_decode_attention", &paged_decode_attention, py::call_guard<py::gil_scoped_release>(),
+        "paged decode attention (CPU); path: best, or a path of paths() and what follows it", py::arg("q"),
+        py::arg("k_pool"), py::arg("v_pool"), py::arg("block_tables"), py::arg("seq_lens"), py::arg("scale"),
+        py::arg("path") = "best");
+  m.def("paths", [] {
+    std::vector<std::string> built;
 #ifdef NANOSERVE_HAS_AVX512
-  m.def("has_avx512_path", [] { return true; }, "whether head dims that are multiples of 16 take the AVX-512 path");
-#else
-  m.def("has_avx512_path", [] { return false; }, "whether head dims that are multiples of 16 take the AVX-512 path");
+    built.push_back(kPathNames[static_cast<int>(Path::kAvx512)]);
 #endif
+#ifdef NANOSERVE_HAS_SIMD
+    built.push_back(kPathNames[static_cast<int>(Path::kAvx2)]);
+#endif
+    built.push_back(kPathNames[static_cast<int>(Path::kPortable)]);
+    return built;
+  }, "the decode paths built here, best first");
+  m.def("path_for", [](int64_t head_dim, const std::string& path) { return std::string(kPathNames[static_cast<int>(path_for(head_dim, parse_path(path)))]); },
+        "the path a head dim takes when `path` is asked for", py::arg("head_dim"), py::arg("path") = "best");
 }
