@@ -5,7 +5,7 @@ llama.cpp's converter stores the vocabulary as parallel arrays (`tokenizer.ggml.
 pre-tokenizer (`tokenizer.ggml.pre`): the regex splits applied before BPE. We rebuild the same
 pipeline with the `tokenizers` library, mirroring llama.cpp's per-type regexes (llama-vocab.cpp):
 
-    gpt2                     GPT-2's regex
+    gpt-2, gpt2, mpt, ...    GPT-2's regex ("gpt-2" is what llama.cpp's converter writes for GPT-2)
     smollm, starcoder, ...   every digit alone (\\p{N}), then GPT-2's regex
     qwen2, stablelm2         Qwen2's regex (one digit per piece); NFC like Qwen's tokenizer.json
     llama-bpe, dbrx, ...     Llama 3's regex (up to three digits per piece); whole-word vocabulary
@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 LLAMA3_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"""
                   r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
-GPT2_STYLE = {"gpt2", "mpt", "olmo", "jais"}
+GPT2_STYLE = {"gpt-2", "gpt2", "phi-2", "mpt", "olmo", "jais"}
 DIGITS_THEN_GPT2 = {"smollm", "starcoder", "refact", "command-r", "codeshell"}
 QWEN2_STYLE = {"qwen2", "stablelm2"}
 LLAMA3_STYLE = {"llama-bpe", "llama3", "dbrx", "smaug-bpe"}

@@ -200,7 +200,7 @@ def write_gpt2_gguf(path, model, vocab: dict, types: dict[str, gguf.GGMLQuantiza
     writer.add_head_count(cfg.n_head)
     writer.add_layer_norm_eps(cfg.layer_norm_epsilon)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt2")
+    writer.add_tokenizer_pre("gpt-2")  # as llama.cpp's convert_hf_to_gguf.py names GPT-2's
     writer.add_token_list(vocab["tokenizer.ggml.tokens"])
     writer.add_token_merges(vocab["tokenizer.ggml.merges"])
     writer.add_token_types(vocab["tokenizer.ggml.token_type"])

@@ -227,13 +227,14 @@ def test_smollm2_drops_bytes_its_vocabulary_lacks(smollm2, smollm2_missing_bytes
     assert smollm2.decode(smollm2.encode("a\x04b")) == "ab"
 
 
-def test_gguf_with_gpt2_vocabulary_equals_tiktoken(gpt2):
-    from_gguf = tokenizer_from_gguf(gpt2_vocab_as_gguf("gpt2"))
+@pytest.mark.parametrize("pre", ["gpt-2", "gpt2"])  # what llama.cpp's converter writes for GPT-2; an older name
+def test_gguf_with_gpt2_vocabulary_equals_tiktoken(gpt2, pre):
+    from_gguf = tokenizer_from_gguf(gpt2_vocab_as_gguf(pre))
     for text in SAMPLES:
         assert from_gguf.encode(text) == gpt2.encode(text), text
 
 
-@pytest.mark.parametrize("pre, digit_pieces", [("gpt2", ["12345"]), ("smollm", list("12345")),
+@pytest.mark.parametrize("pre, digit_pieces", [("gpt2", ["12345"]), ("gpt-2", ["12345"]), ("smollm", list("12345")),
                                                ("qwen2", list("12345")), ("llama-bpe", ["123", "45"])])
 def test_gguf_pre_tokenizers_split_digits_like_llama_cpp(pre, digit_pieces, gpt2):
     tokenizer = tokenizer_from_gguf(gpt2_vocab_as_gguf(pre))
