@@ -251,6 +251,28 @@ def test_the_avx2_int8_kernel_equals_exact_math_at_every_row_count(shape, bias):
         torch.testing.assert_close(gelu.double(), F.gelu(expected, approximate="tanh"), **tolerance)
 
 
+def test_the_avx2_int8_kernel_adds_a_row_in_the_same_order_alone_and_batched():
+    """One row (widened in registers) and a batch (widened into a scratch) must add the same
+    products in the same order. A bf16 output hides most order changes, so here the order
+    decides the result: with k-pair products (2^24, 1) then (1, -2^24), even-then-odd float32
+    sums give 0 and odd-then-even give 1 (2^24 + 1 rounds to 2^24); exact math gives 2."""
+    kernel = int8_avx2_kernel()
+    if kernel is None:
+        assert not can_build(), "a compiler is here, so the AVX2 int8 kernel must build"
+        pytest.skip("no compiler, or a CPU without AVX2 + FMA")
+    linear = torch.nn.Linear(6, 64, bias=False)
+    with torch.no_grad():  # max |w| = 127 gives scale 1: q = w
+        linear.weight.copy_(torch.tensor([64.0, 1.0, 1.0, -64.0, 127.0, 0.0]).expand(64, 6))
+    layer = Int8Linear(linear.to(torch.bfloat16), use_kernel=False)
+    assert torch.equal(layer.scale, torch.ones(64))
+    x = torch.randn(5, 6).to(torch.bfloat16)
+    x[0] = torch.tensor([2.0**18, 1.0, 1.0, 2.0**18, 0.0, 0.0])
+    alone = kernel(x[:1], layer.qweight, layer.scale, None, 64, 0)
+    batched = kernel(x, layer.qweight, layer.scale, None, 64, 0)
+    assert torch.equal(alone, batched[:1])
+    assert alone.unique().tolist() == [0.0]  # each k-pair's even product first, as the batched path
+
+
 # ---- a model shared by engines, refusals ----------------------------------------------------
 
 def test_a_second_engine_must_ask_for_the_same_method():

@@ -6,7 +6,8 @@
 //   Q int8 in int8_linear.cpp's layout: 64-column blocks of k-pairs (N padded to 64, K even):
 //     Q[n][k] at (n / 64) * (K * 64) + (k / 2) * 128 + (n % 64) * 2 + k % 2
 //
-//   Each 64-column block is widened once (exact: |q| <= 127 needs 7 mantissa bits) into two
+//   One row (batch 1) widens each block in registers as it streams (dot_int8_block_row). More
+//   rows widen each 64-column block once (exact: |q| <= 127 needs 7 mantissa bits) into two
 //   32-column bf16 blocks of bf16_avx2_block.h's layout, in a per-thread scratch that stays in L2,
 //   and every row tile reads that. The scale and bias are applied once per output in the
 //   epilogue. The products and their order do not depend on M, so neither does a row's result.
@@ -46,6 +47,33 @@ void widen_block(const char* block, int64_t K, char* out, const char* stream_end
   }
 }
 
+// One row of x (float32) against one whole int8 block (64 columns), widening in registers: the
+// batch-1 path, which reads each weight byte once and writes no scratch. Each 16 bytes (8
+// columns' k-pairs) sign-extend as int16 lanes: a lane's high byte is the column's k+1 value
+// (shift right by 8), its low byte the k value (shift left by 24, then right by 24). The
+// products and their order are dot_block<1>'s on the widened block, so a row's result is the
+// same bits as through the scratch. acc: 64 floats, columns in order.
+#define NANOSERVE_INT8_COLUMN_STEP(j)                                                                \
+  {                                                                                                  \
+    const __m256i v = _mm256_cvtepi16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 16 * j))); \
+    const __m256 lo = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 24), 24));           \
+    const __m256 hi = _mm256_cvtepi32_ps(_mm256_srai_epi32(v, 8));                                   \
+    c##j = _mm256_fmadd_ps(o, hi, _mm256_fmadd_ps(e, lo, c##j));                                     \
+  }
+
+void dot_int8_block_row(const float* x, int64_t K, const char* block, const char* stream_end, float* acc) {
+  __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0;
+  for (int64_t p = 0; p < K / 2; ++p, block += kInt8PairBytes) {
+    if (p % 8 == 0 && block + kPrefetchBytes < stream_end) _mm_prefetch(block + kPrefetchBytes, _MM_HINT_T1);
+    const __m256 e = _mm256_broadcast_ss(x + 2 * p), o = _mm256_broadcast_ss(x + 2 * p + 1);
+    NANOSERVE_INT8_COLUMN_STEP(0) NANOSERVE_INT8_COLUMN_STEP(1) NANOSERVE_INT8_COLUMN_STEP(2) NANOSERVE_INT8_COLUMN_STEP(3)
+    NANOSERVE_INT8_COLUMN_STEP(4) NANOSERVE_INT8_COLUMN_STEP(5) NANOSERVE_INT8_COLUMN_STEP(6) NANOSERVE_INT8_COLUMN_STEP(7)
+  }
+  _mm256_storeu_ps(acc, c0), _mm256_storeu_ps(acc + 8, c1), _mm256_storeu_ps(acc + 16, c2), _mm256_storeu_ps(acc + 24, c3);
+  _mm256_storeu_ps(acc + 32, c4), _mm256_storeu_ps(acc + 40, c5), _mm256_storeu_ps(acc + 48, c6), _mm256_storeu_ps(acc + 56, c7);
+}
+#undef NANOSERVE_INT8_COLUMN_STEP
+
 }  // namespace
 
 bool int8_avx2_available() { return true; }
@@ -71,6 +99,18 @@ torch::Tensor int8_avx2_linear(torch::Tensor x, torch::Tensor qweight, torch::Te
   const float* xp = xf.data_ptr<float>();
   const int64_t block_bytes = K * kInt8Cols;
   at::BFloat16* yp = y.data_ptr<at::BFloat16>();
+  if (M == 1) {  // batch 1: widen in registers, no scratch
+    at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
+      const char* stream_end = w + end * block_bytes;
+      alignas(32) float acc[kInt8Cols];
+      for (int64_t jb = begin; jb < end; ++jb) {
+        dot_int8_block_row(xp, K, w + jb * block_bytes, stream_end, acc);
+        for (int half = 0; half < 2 && jb * kInt8Cols + half * kCols < N; ++half)
+          store_block(acc + half * kCols, 1, sp, bp, activation, yp, N, jb * kInt8Cols + half * kCols, N);
+      }
+    });
+    return y;
+  }
   at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
     const char* stream_end = w + end * block_bytes;
     alignas(32) float acc[kRowTile * kCols];
