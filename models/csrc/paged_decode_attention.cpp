@@ -167,6 +167,33 @@ static void for_each_item(const T* q, const int64_t* tables, const int64_t* lens
   });
 }
 
+// The walk over KV heads [h0, h1) of one sequence: blocks outside and heads inside, so a block's
+// rows (KVH heads side by side per token) are read as one contiguous stretch while they sit in
+// cache, and the next blocks are prefetched whole (into kHint's level), because blocks are
+// scattered and hardware prefetchers stop at their edges. chunk(at, n, h) attends n <= 16 tokens
+// of KV head h, token 0 at pool offset `at`, consecutive tokens KVH * W elements apart.
+template <int kHint, typename P, typename Chunk>
+static inline void walk_blocks(const P* k_pool, const P* v_pool, const int64_t* table, int64_t len, int64_t h0, int64_t h1,
+                               const Shape& sh, Chunk chunk) {
+  const int64_t row = sh.KVH * sh.W;  // elements between consecutive tokens of a block
+  const int64_t span_bytes = (h1 - h0) * sh.W * static_cast<int64_t>(sizeof(P));  // heads h0..h1 of one token
+  const int64_t num_blocks = (len + sh.BS - 1) / sh.BS;
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    const int64_t block = table[b] * sh.BS * row;  // token 0 of block b
+    const int64_t in_block = std::min(sh.BS, len - b * sh.BS);
+    for (int64_t ahead = (b == 0 ? 1 : kPrefetchBlocks); ahead <= kPrefetchBlocks; ++ahead) {  // keep blocks b+1.. in flight
+      if (b + ahead >= num_blocks) break;
+      const int64_t next = table[b + ahead] * sh.BS * row + h0 * sh.W;
+      const int64_t rows = std::min(sh.BS, len - (b + ahead) * sh.BS);
+      prefetch_rows<kHint>(reinterpret_cast<const char*>(k_pool + next), rows, row * sizeof(P), span_bytes);
+      prefetch_rows<kHint>(reinterpret_cast<const char*>(v_pool + next), rows, row * sizeof(P), span_bytes);
+    }
+    for (int64_t h = h0; h < h1; ++h)
+      for (int64_t c = 0; c < in_block; c += 16)
+        chunk(block + c * row + h * sh.W, static_cast<int>(std::min<int64_t>(16, in_block - c)), h);
+  }
+}
+
 // ---- AVX2 + FMA: the single-pass path for CPUs without AVX-512 ------------------------------
 //
 // attend_chunk's algorithm on 8 lanes, 16 tokens a chunk (so the softmax bookkeeping is paid
@@ -315,9 +342,9 @@ static inline void attend_chunk_avx2(const P* keys, const P* values, int64_t row
   }
 }
 
-// KV heads [h0, h1) of one sequence and the query heads that share them: decode_heads_avx512's
-// walk (blocks outside, heads inside, the next blocks prefetched whole). The prefetches go to L2
-// (T1): a block's rows for every head overflow a 32 KB L1, and T0 measured slower here.
+// KV heads [h0, h1) of one sequence and the query heads that share them, over walk_blocks. The
+// prefetches go to L2 (T1): a block's rows for every head overflow a 32 KB L1, and T0 measured
+// slower on a Zen 3.
 template <typename T, typename P, int NP, bool kWiden>
 static void decode_heads_avx2(const T* q, const P* k_pool, const P* v_pool, const int64_t* table, int64_t len,
                               int64_t h0, int64_t h1, int64_t G, T* out, const Shape& sh, std::vector<float>& buf) {
@@ -332,27 +359,11 @@ static void decode_heads_avx2(const T* q, const P* k_pool, const P* v_pool, cons
     st.running_max[j] = -1e30f;
     st.running_sum[j] = 0.0f;
   }
-  const int64_t span_bytes = (h1 - h0) * sh.W * static_cast<int64_t>(sizeof(P));  // heads h0..h1 of one token
-  const int64_t num_blocks = (len + sh.BS - 1) / sh.BS;
-  for (int64_t b = 0; b < num_blocks; ++b) {
-    const int64_t block = table[b] * sh.BS * row;  // token 0 of block b
-    const int64_t in_block = std::min(sh.BS, len - b * sh.BS);
-    for (int64_t ahead = (b == 0 ? 1 : kPrefetchBlocks); ahead <= kPrefetchBlocks; ++ahead) {  // keep blocks b+1.. in flight
-      if (b + ahead >= num_blocks) break;
-      const int64_t next = table[b + ahead] * sh.BS * row + h0 * sh.W;
-      const int64_t rows = std::min(sh.BS, len - (b + ahead) * sh.BS);
-      prefetch_rows<_MM_HINT_T1>(reinterpret_cast<const char*>(k_pool + next), rows, row * sizeof(P), span_bytes);
-      prefetch_rows<_MM_HINT_T1>(reinterpret_cast<const char*>(v_pool + next), rows, row * sizeof(P), span_bytes);
-    }
-    for (int64_t h = h0; h < h1; ++h) {
-      const int64_t j = (h - h0) * G;
-      for (int64_t c = 0; c < in_block; c += 16) {
-        const int64_t at = block + c * row + h * sh.W;
-        attend_chunk_avx2<P, NP, kWiden>(k_pool + at, v_pool + at, row, static_cast<int>(std::min<int64_t>(16, in_block - c)), G,
-                                         st.queries + j * D, st.accs + j * D, st.running_max + j, st.running_sum + j);
-      }
-    }
-  }
+  walk_blocks<_MM_HINT_T1>(k_pool, v_pool, table, len, h0, h1, sh, [&](int64_t at, int n, int64_t h) {
+    const int64_t j = (h - h0) * G;
+    attend_chunk_avx2<P, NP, kWiden>(k_pool + at, v_pool + at, row, n, G, st.queries + j * D, st.accs + j * D,
+                                     st.running_max + j, st.running_sum + j);
+  });
   for (int64_t j = 0; j < NQ; ++j) {
     const float inv = 1.0f / st.running_sum[j];
     T* oj = out + (h0 * G + j) * D;
@@ -483,11 +494,9 @@ static inline void attend_chunk(const P* keys, const P* values, int64_t row, int
   }
 }
 
-// KV heads [h0, h1) of one sequence and the query heads that share them. NV = D / 16 float32
-// vectors per head row. Blocks are the outer loop and heads the inner one, so a block's rows
-// (KVH heads side by side per token) are read as one contiguous stretch while they sit in L1/L2,
-// and the next blocks are prefetched whole, because blocks are scattered and hardware
-// prefetchers stop at their edges. Decode attention is bound by reading the cache.
+// KV heads [h0, h1) of one sequence and the query heads that share them, over walk_blocks
+// (prefetching into L1). NV = D / 16 float32 vectors per head row. Decode attention is bound by
+// reading the cache.
 template <typename T, typename P, int NV, bool kWiden>
 static void decode_heads_avx512(const T* q, const P* k_pool, const P* v_pool, const int64_t* table, int64_t len,
                                 int64_t h0, int64_t h1, int64_t G, T* out, const Shape& sh, std::vector<float>& buf) {
@@ -503,27 +512,11 @@ static void decode_heads_avx512(const T* q, const P* k_pool, const P* v_pool, co
     st.running_max[j] = -1e30f;
     st.running_sum[j] = 0.0f;
   }
-  const int64_t span_bytes = (h1 - h0) * sh.W * static_cast<int64_t>(sizeof(P));  // heads h0..h1 of one token
-  const int64_t num_blocks = (len + sh.BS - 1) / sh.BS;
-  for (int64_t b = 0; b < num_blocks; ++b) {
-    const int64_t block = table[b] * sh.BS * row;  // token 0 of block b
-    const int64_t in_block = std::min(sh.BS, len - b * sh.BS);
-    for (int64_t ahead = (b == 0 ? 1 : kPrefetchBlocks); ahead <= kPrefetchBlocks; ++ahead) {  // keep blocks b+1.. in flight
-      if (b + ahead >= num_blocks) break;
-      const int64_t next = table[b + ahead] * sh.BS * row + h0 * sh.W;
-      const int64_t rows = std::min(sh.BS, len - (b + ahead) * sh.BS);
-      prefetch_rows(reinterpret_cast<const char*>(k_pool + next), rows, row * sizeof(P), span_bytes);
-      prefetch_rows(reinterpret_cast<const char*>(v_pool + next), rows, row * sizeof(P), span_bytes);
-    }
-    for (int64_t h = h0; h < h1; ++h) {
-      const int64_t j = (h - h0) * G;
-      for (int64_t c = 0; c < in_block; c += 16) {
-        const int64_t at = block + c * row + h * sh.W;
-        attend_chunk<P, NV, kWiden>(k_pool + at, v_pool + at, row, static_cast<int>(std::min<int64_t>(16, in_block - c)), G,
-                                    st.queries + j * D, st.accs + j * D, st.running_max + j, st.running_sum + j);
-      }
-    }
-  }
+  walk_blocks<_MM_HINT_T0>(k_pool, v_pool, table, len, h0, h1, sh, [&](int64_t at, int n, int64_t h) {
+    const int64_t j = (h - h0) * G;
+    attend_chunk<P, NV, kWiden>(k_pool + at, v_pool + at, row, n, G, st.queries + j * D, st.accs + j * D,
+                                st.running_max + j, st.running_sum + j);
+  });
   for (int64_t j = 0; j < NQ; ++j) {
     const float inv = 1.0f / st.running_sum[j];
     for (int d = 0; d < D; ++d) out[(h0 * G + j) * D + d] = static_cast<T>(st.accs[j * D + d] * inv);
