@@ -1,6 +1,7 @@
 """Paged attention equals dense causal attention for mixed prefill/decode batches."""
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -37,6 +38,27 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     q_pos = torch.arange(num_k - num_q, num_k)[:, None]
     scores = scores.masked_fill(torch.arange(num_k)[None, :] > q_pos, float("-inf"))
     return torch.einsum("htl,lhd->thd", scores.softmax(-1), v)  # (T, H, D)
+
+
+def test_the_decode_kernel_takes_the_simd_path_this_cpu_has():
+    """A CPU with AVX2 + FMA + F16C builds the AVX2 path and GPT-2's head dim takes it (or the
+    AVX-512 one); head dims without a specialization take the portable path. Without this, a
+    routing slip would quietly test and run the portable path everywhere."""
+    from models.fused_attention import decode_kernel
+
+    decode_path_or_skip("portable")
+    kernel = decode_kernel()
+    flags = set(open("/proc/cpuinfo").read().split()) if os.path.exists("/proc/cpuinfo") else set()
+    if {"avx2", "fma", "f16c"} <= flags:
+        assert "avx2" in kernel.paths()
+        assert kernel.path_for(64, "avx2") == "avx2" and kernel.path_for(16, "avx2") == "avx2"
+        assert kernel.path_for(64) == ("avx512" if "avx512f" in flags else "avx2")
+    assert kernel.paths()[-1] == "portable"
+    for head_dim in (8, 48, 512):
+        assert kernel.path_for(head_dim) == "portable"
+    assert kernel.path_for(64, "portable") == "portable"
+    with pytest.raises(RuntimeError, match="unknown decode path"):
+        kernel.path_for(64, "sse")
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -174,16 +196,16 @@ def test_the_step_metadata_maps_each_new_token_to_its_slot(query_lens, seq_lens)
     assert meta.decode_blocks == max(map(len, tables[:decodes]))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kv_heads", [KVH, H])
-@pytest.mark.parametrize("head_dim,block_size", [(D, BS), (64, 16), (128, 4), (48, 16)])
+@pytest.mark.parametrize("head_dim,block_size", [(D, BS), (16, 16), (32, 8), (64, 16), (128, 4), (48, 16)])
 @pytest.mark.parametrize("num_seqs", [1, 12])  # split by KV head over the threads / one task per sequence
 @pytest.mark.parametrize("path", DECODE_PATHS)
 def test_fused_decode_kernel_matches_torch_path(dtype, kv_heads, head_dim, block_size, num_seqs, path):
     """Each path of the optional C++ decode kernel against the gather + SDPA reference path.
 
-    The SIMD paths take head dims that are powers of two (AVX-512 from 16, AVX2 from 8); 48 has
-    no specialization and falls back to the portable three-pass path.
+    The SIMD paths take head dims that are powers of two from 16 to 256 (16 and 32 hold fewer
+    value groups than AVX2 accumulates at once); 8 and 48 fall back to the portable path.
     """
     from models.fused_attention import fused_decode_attention
 

@@ -129,11 +129,14 @@ static inline float row_scale(const int8_t* row, int64_t D) {
 
 constexpr int64_t kPrefetchBlocks = 2;  // blocks in flight ahead of the one being read (1: ~8% slower, 4: no better)
 
-template <int kHint = _MM_HINT_T0>
+// Prefetch levels as __builtin_prefetch's locality (GCC and Clang): 3 is prefetcht0, 2 prefetcht1.
+constexpr int kIntoL1 = 3, kIntoL2 = 2;
+
+template <int kLocality>
 static inline void prefetch_rows(const char* first, int64_t rows, int64_t stride, int64_t bytes) {
   for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(first + r * stride + b, static_cast<_mm_hint>(kHint));
-    _mm_prefetch(first + r * stride + bytes - 1, static_cast<_mm_hint>(kHint));  // an unaligned span's last line
+    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(first + r * stride + b, 0, kLocality);
+    __builtin_prefetch(first + r * stride + bytes - 1, 0, kLocality);  // an unaligned span's last line
   }
 }
 
@@ -169,10 +172,10 @@ static void for_each_item(const T* q, const int64_t* tables, const int64_t* lens
 
 // The walk over KV heads [h0, h1) of one sequence: blocks outside and heads inside, so a block's
 // rows (KVH heads side by side per token) are read as one contiguous stretch while they sit in
-// cache, and the next blocks are prefetched whole (into kHint's level), because blocks are
+// cache, and the next blocks are prefetched whole (to kLocality's level), because blocks are
 // scattered and hardware prefetchers stop at their edges. chunk(at, n, h) attends n <= 16 tokens
 // of KV head h, token 0 at pool offset `at`, consecutive tokens KVH * W elements apart.
-template <int kHint, typename P, typename Chunk>
+template <int kLocality, typename P, typename Chunk>
 static inline void walk_blocks(const P* k_pool, const P* v_pool, const int64_t* table, int64_t len, int64_t h0, int64_t h1,
                                const Shape& sh, Chunk chunk) {
   const int64_t row = sh.KVH * sh.W;  // elements between consecutive tokens of a block
@@ -185,8 +188,8 @@ static inline void walk_blocks(const P* k_pool, const P* v_pool, const int64_t* 
       if (b + ahead >= num_blocks) break;
       const int64_t next = table[b + ahead] * sh.BS * row + h0 * sh.W;
       const int64_t rows = std::min(sh.BS, len - (b + ahead) * sh.BS);
-      prefetch_rows<kHint>(reinterpret_cast<const char*>(k_pool + next), rows, row * sizeof(P), span_bytes);
-      prefetch_rows<kHint>(reinterpret_cast<const char*>(v_pool + next), rows, row * sizeof(P), span_bytes);
+      prefetch_rows<kLocality>(reinterpret_cast<const char*>(k_pool + next), rows, row * sizeof(P), span_bytes);
+      prefetch_rows<kLocality>(reinterpret_cast<const char*>(v_pool + next), rows, row * sizeof(P), span_bytes);
     }
     for (int64_t h = h0; h < h1; ++h)
       for (int64_t c = 0; c < in_block; c += 16)
@@ -262,7 +265,7 @@ static inline void attend_chunk_avx2(const P* keys, const P* values, int64_t row
   constexpr int kGroups = NP < 4 ? NP : 4;  // value groups accumulated at once: 8 vectors in registers
   constexpr bool kInt8 = std::is_same_v<P, int8_t>;
   alignas(32) float keys_f[kWiden ? 16 * D : 1], values_f[kWiden ? 16 * D : 1];  // (16, D) widened chunk, lane order
-  alignas(32) float weights[16], k_scales[16], v_scales[16];
+  alignas(32) float weights[16], k_scales[16] = {}, v_scales[16] = {};  // lanes past n stay 0 (their scores are masked)
   auto key = [&](int t, int j, __m256& a, __m256& b) {
     if constexpr (kWiden) a = _mm256_load_ps(keys_f + t * D + 16 * j), b = _mm256_load_ps(keys_f + t * D + 16 * j + 8);
     else load_pair(keys + t * row + 16 * j, a, b);
@@ -359,7 +362,7 @@ static void decode_heads_avx2(const T* q, const P* k_pool, const P* v_pool, cons
     st.running_max[j] = -1e30f;
     st.running_sum[j] = 0.0f;
   }
-  walk_blocks<_MM_HINT_T1>(k_pool, v_pool, table, len, h0, h1, sh, [&](int64_t at, int n, int64_t h) {
+  walk_blocks<kIntoL2>(k_pool, v_pool, table, len, h0, h1, sh, [&](int64_t at, int n, int64_t h) {
     const int64_t j = (h - h0) * G;
     attend_chunk_avx2<P, NP, kWiden>(k_pool + at, v_pool + at, row, n, G, st.queries + j * D, st.accs + j * D,
                                      st.running_max + j, st.running_sum + j);
@@ -512,7 +515,7 @@ static void decode_heads_avx512(const T* q, const P* k_pool, const P* v_pool, co
     st.running_max[j] = -1e30f;
     st.running_sum[j] = 0.0f;
   }
-  walk_blocks<_MM_HINT_T0>(k_pool, v_pool, table, len, h0, h1, sh, [&](int64_t at, int n, int64_t h) {
+  walk_blocks<kIntoL1>(k_pool, v_pool, table, len, h0, h1, sh, [&](int64_t at, int n, int64_t h) {
     const int64_t j = (h - h0) * G;
     attend_chunk<P, NV, kWiden>(k_pool + at, v_pool + at, row, n, G, st.queries + j * D, st.accs + j * D,
                                 st.running_max + j, st.running_sum + j);
