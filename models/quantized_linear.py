@@ -10,10 +10,10 @@ Each runs two paths over the same storage: a C++ kernel for bf16 activations on 
 AVX512-BF16 (models/csrc/int8_linear.cpp, int4_linear.cpp), which reads the quantized bytes and
 widens them in registers, and a PyTorch reference everywhere else (fp32 models, GPUs), which
 dequantizes the whole weight on every call. On x86 CPUs without AVX512-BF16 (AVX2-only ones,
-and AVX-512 ones without BF16 such as Skylake to Ice Lake), per-channel int8 has a kernel too
-(models/csrc/int8_avx2_linear.cpp, plain AVX2 + FMA, widening each block in cache); grouped int8
-and 4-bit run the reference there. The weights are stored in the kernels' layout: 64-column
-blocks of k-pairs (N padded to 64), the layout of the bf16 AVX512-BF16 kernel.
+and AVX-512 ones without BF16 such as Skylake to Ice Lake) every layer has a plain AVX2 + FMA
+kernel too: models/csrc/int8_avx2_linear.cpp (per-channel int8) and grouped_avx2_linear.cpp
+(4-bit and grouped int8, + F16C for the fp16 scales). The weights are stored in the kernels'
+layout: 64-column blocks of k-pairs (N padded to 64), the layout of the bf16 AVX512-BF16 kernel.
 """
 from __future__ import annotations
 
@@ -116,7 +116,7 @@ def int8_avx2_kernel() -> Callable | None:
     return module.int8_avx2_linear if module is not None and module.int8_avx2_available() else None
 
 
-_KERNEL_CPU = {"int8_avx2_linear": "AVX2"}  # kernel function -> the CPU feature it needs (else AVX512-BF16)
+_KERNEL_CPU = {"int8_avx2_linear": "AVX2", "int8_group_avx2_linear": "AVX2", "int4_avx2_linear": "AVX2"}  # kernel function -> the CPU feature it needs (else AVX512-BF16)
 
 
 def describe_paths(layers: list[QuantizedLinear]) -> str:
@@ -166,9 +166,28 @@ def unblock_int8(qweight: torch.Tensor, n: int, k: int) -> torch.Tensor:
 
 
 def int8_group_kernel() -> Callable | None:
-    """The compiled grouped-int8 kernel, or None where this CPU or build cannot run it."""
+    """The compiled grouped-int8 kernel for this CPU (AVX512-BF16, else AVX2 + FMA + F16C), or None."""
     module = load_kernel("nanoserve_int8_linear", "int8_linear.cpp")
-    return module.int8_group_linear if module is not None and module.int8_linear_available() else None
+    if module is not None and module.int8_linear_available():
+        return module.int8_group_linear
+    return int8_group_avx2_kernel()
+
+
+def _grouped_avx2_module():
+    module = load_kernel("nanoserve_grouped_avx2_linear", "grouped_avx2_linear.cpp")
+    return module if module is not None and module.grouped_avx2_available() else None
+
+
+def int8_group_avx2_kernel() -> Callable | None:
+    """The AVX2 grouped-int8 (Q8_0) kernel; it builds on AVX-512 CPUs too, where the tests call it."""
+    module = _grouped_avx2_module()
+    return None if module is None else module.int8_group_avx2_linear
+
+
+def int4_avx2_kernel() -> Callable | None:
+    """The AVX2 4-bit kernel; it builds on AVX-512 CPUs too, where the tests call it."""
+    module = _grouped_avx2_module()
+    return None if module is None else module.int4_avx2_linear
 
 
 class Int8GroupLinear(QuantizedLinear):
@@ -250,9 +269,11 @@ def from_blocks(blocked: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def int4_kernel() -> Callable | None:
-    """The compiled 4-bit kernel, or None where this CPU or build cannot run it."""
+    """The compiled 4-bit kernel for this CPU (AVX512-BF16, else AVX2 + FMA + F16C), or None."""
     module = load_kernel("nanoserve_int4_linear", "int4_linear.cpp")
-    return module.int4_linear if module is not None and module.int4_linear_available() else None
+    if module is not None and module.int4_linear_available():
+        return module.int4_linear
+    return int4_avx2_kernel()
 
 
 class Int4Linear(QuantizedLinear):

@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from models.cpu_kernels import can_build
 from models.loader import load_model
 from models.quantization import make_quantized, quantize_linear_layers
-from models.quantized_linear import (Int4Linear, Int8Linear, QuantizedEmbedding, QuantizedLinear, int4_kernel,
-                                     int8_avx2_kernel, int8_kernel, pack_nibbles, quantize_int4, quantize_int8,
+from models.quantized_linear import (Int4Linear, Int8GroupLinear, Int8Linear, QuantizedEmbedding, QuantizedLinear,
+                                     int4_avx2_kernel, int4_kernel, int8_avx2_kernel, int8_group_avx2_kernel,
+                                     int8_group_kernel, int8_kernel, pack_nibbles, quantize_int4, quantize_int8,
                                      unpack_nibbles)
 from server.config import EngineConfig
 from server.engine.engine import Engine
@@ -19,15 +20,24 @@ from server.engine.speculative import SpeculativeConfig, draft_quantization
 from tests.test_engine import assert_batch_invariant, greedy, make_prompts
 
 
+def cpu_flags() -> set[str]:
+    return {word for line in open("/proc/cpuinfo") if line.startswith("flags") for word in line.split()}
+
+
 def has_avx512_bf16() -> bool:
-    return "avx512_bf16" in open("/proc/cpuinfo").read()
+    return "avx512_bf16" in cpu_flags()
 
 
-needs_kernel = pytest.mark.skipif(not (can_build() and has_avx512_bf16()), reason="needs AVX512-BF16 and a compiler")
+def has_avx2_fma_f16c() -> bool:
+    return {"avx2", "fma", "f16c"} <= cpu_flags()
+
+
+# Every quantized layer has a kernel on CPUs with AVX512-BF16 or with AVX2 + FMA + F16C.
+needs_kernel = pytest.mark.skipif(not (can_build() and (has_avx512_bf16() or has_avx2_fma_f16c())),
+                                  reason="needs AVX512-BF16 or AVX2 + FMA + F16C, and a compiler")
 
 
 def skip_without_a_kernel(method: str) -> None:
-    """int8 has a kernel on AVX2 CPUs too; 4-bit only with AVX512-BF16."""
     if (int8_kernel() if method == "int8" else int4_kernel()) is None:
         pytest.skip(f"no {method} kernel on this CPU (the PyTorch reference runs)")
 
@@ -221,11 +231,18 @@ def test_quantized_model_weight_bytes(method, low, high):
     assert low < after / before < high, (before, after)
 
 
-def test_kernels_are_available_where_the_cpu_has_avx512_bf16():
+def test_kernels_are_available_where_the_cpu_has_avx512_bf16_or_avx2():
+    """A routing slip must not quietly leave a CPU on the PyTorch reference path."""
     if can_build() and has_avx512_bf16():
-        assert int8_kernel() is not None and int4_kernel() is not None
-    if can_build() and "avx2" in open("/proc/cpuinfo").read():
+        assert int8_kernel() is not None and int4_kernel() is not None and int8_group_kernel() is not None
+        assert int4_kernel().__name__ == "int4_linear" and int8_group_kernel().__name__ == "int8_group_linear"
+    if can_build() and has_avx2_fma_f16c():
         assert int8_kernel() is not None and int8_avx2_kernel() is not None
+        assert int4_avx2_kernel() is not None and int8_group_avx2_kernel() is not None
+        assert int4_kernel() is not None and int8_group_kernel() is not None
+        if not has_avx512_bf16():
+            assert int4_kernel().__name__ == "int4_avx2_linear"
+            assert int8_group_kernel().__name__ == "int8_group_avx2_linear"
 
 
 @pytest.mark.parametrize("shape,bias", [((768, 2304), True), ((3072, 768), False), ((128, 100), True), ((6, 33), True)])
@@ -271,6 +288,86 @@ def test_the_avx2_int8_kernel_adds_a_row_in_the_same_order_alone_and_batched():
     batched = kernel(x, layer.qweight, layer.scale, None, 64, 0)
     assert torch.equal(alone, batched[:1])
     assert alone.unique().tolist() == [0.0]  # each k-pair's even product first, as the batched path
+
+
+# ---- the AVX2 grouped kernels (4-bit, Q8_0), called directly on every x86 CPU ----------------
+
+def _avx2_grouped(fmt: str):
+    kernel = int4_avx2_kernel() if fmt.startswith("int4") else int8_group_avx2_kernel()
+    if kernel is None:
+        assert not (can_build() and has_avx2_fma_f16c()), "a compiler is here, so the AVX2 grouped kernels must build"
+        pytest.skip("no compiler, or a CPU without AVX2 + FMA + F16C")
+    return kernel
+
+
+def _grouped_layer(fmt: str, linear: torch.nn.Linear) -> tuple[QuantizedLinear, torch.Tensor]:
+    """A 4-bit (int4-gN) or Q8_0 layer on the reference path, and its exact (N, K) weight in fp64."""
+    n, k = linear.out_features, linear.in_features
+    if fmt == "q8_0":
+        q = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+        scale = (torch.rand(n, k // 32) * 1e-2 + 1e-4).half()  # groups of very different size
+        exact = (q.double().view(n, -1, 32) * scale.double()[..., None]).view(n, k)
+        return Int8GroupLinear(linear, 32, (q, scale), use_kernel=False), exact
+    group = int(fmt.removeprefix("int4-g"))
+    v, scale, minimum = quantize_int4(linear.weight, group)
+    exact = (v.double().view(n, -1, group) * scale.double()[..., None] + minimum.double()[..., None]).view(n, k)
+    return Int4Linear(linear, group, use_kernel=False, parts=(v, scale, minimum)), exact
+
+
+def _run_avx2_grouped(kernel, layer: QuantizedLinear, x: torch.Tensor, activation: int = 0) -> torch.Tensor:
+    if isinstance(layer, Int4Linear):
+        return kernel(x, layer.nibbles, layer.scale, layer.minimum, layer.bias, layer.out_features, layer.group_size,
+                      activation)
+    return kernel(x, layer.qweight, layer.scale, layer.bias, layer.out_features, layer.group_size, activation)
+
+
+@pytest.mark.parametrize("fmt,shape,bias", [
+    ("int4-g32", (768, 2304), True), ("int4-g32", (128, 100), False), ("int4-g32", (64, 33), True),
+    ("int4-g64", (192, 128), True), ("int4-g128", (256, 96), False),
+    ("q8_0", (576, 1536), True), ("q8_0", (96, 100), False), ("q8_0", (64, 33), True)])
+def test_the_avx2_grouped_kernels_equal_exact_math_at_every_row_count(fmt, shape, bias):
+    """Rows 1..64 (one row in registers; more through the widened group in L1, in chunks of 48)
+    against exact math on the same quantized weights, N padded to whole 64-column blocks (100:
+    a partial 32-column half; 33: less than one); every row bit-identical to the same row in
+    the 64-row batch."""
+    kernel = _avx2_grouped(fmt)
+    torch.manual_seed(sum(shape))
+    layer, w = _grouped_layer(fmt, _linear(*shape, bias=bias).to(torch.bfloat16))
+    x = torch.randn(64, shape[0]).to(torch.bfloat16)
+    exact = x.double() @ w.T + (layer.bias.double() if bias else 0)
+    batch = _run_avx2_grouped(kernel, layer, x)
+    for rows in range(1, 65):
+        expected = exact[:rows]
+        tolerance = dict(atol=1e-2 * expected.abs().max().item(), rtol=1e-2)
+        y = _run_avx2_grouped(kernel, layer, x[:rows])
+        torch.testing.assert_close(y.double(), expected, **tolerance)
+        assert torch.equal(y, batch[:rows]), f"row results depend on the batch at {rows} rows"
+        gelu = _run_avx2_grouped(kernel, layer, x[:rows], activation=1)
+        torch.testing.assert_close(gelu.double(), F.gelu(expected, approximate="tanh"), **tolerance)
+
+
+@pytest.mark.parametrize("fmt", ["int4-g32", "q8_0"])
+def test_the_avx2_grouped_kernels_add_a_row_in_the_same_order_alone_and_batched(fmt):
+    """As the int8 test above: k-pair products (2^24, 1) then (1, -2^24) with unit scale (and
+    zero minimum) sum to 0 even-then-odd and to 1 odd-then-even in float32, so a path that
+    reorders its chain differs from the other, not only in exact math (which gives 2)."""
+    kernel = _avx2_grouped(fmt)
+    k, n = 32, 64
+    values = torch.zeros(n, k)
+    values[:, :4] = torch.tensor([8.0, 1.0, 1.0, 8.0])  # times x = (2^21, 1, 1, -2^21)
+    linear = torch.nn.Linear(k, n, bias=False).to(torch.bfloat16)
+    if fmt == "q8_0":
+        layer = Int8GroupLinear(linear, 32, (values.to(torch.int8), torch.ones(n, 1, dtype=torch.float16)),
+                                use_kernel=False)
+    else:
+        ones, zeros = torch.ones(n, 1, dtype=torch.float16), torch.zeros(n, 1, dtype=torch.float16)
+        layer = Int4Linear(linear, 32, use_kernel=False, parts=(values.to(torch.uint8), ones, zeros))
+    x = torch.randn(5, k).to(torch.bfloat16)
+    x[0, :4] = torch.tensor([2.0**21, 1.0, 1.0, -(2.0**21)])
+    x[0, 4:] = 0
+    alone, batched = _run_avx2_grouped(kernel, layer, x[:1]), _run_avx2_grouped(kernel, layer, x)
+    assert torch.equal(alone, batched[:1])
+    assert alone.unique().tolist() == [0.0]  # each k-pair's even product first, in both paths
 
 
 # ---- a model shared by engines, refusals ----------------------------------------------------
