@@ -166,14 +166,14 @@ class PackedLinear(nn.Module):
         self.register_buffer("bias_f32", bias_f32, persistent=False)  # the kernels' epilogue adds in float32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel is not None and x.shape[0] <= self.kernel.max_rows:
-            return self.kernel.linear(x, *self.weight_buffer, self.bias_f32, self.out_features, 0)
+        if self.kernel is not None and x.shape[0] <= self.kernel.max_rows:  # _buffers: no Module lookup
+            return self.kernel.linear(x, *self.weight_buffer, self._buffers["bias_f32"], self.out_features, 0)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
 
     def forward_gelu_tanh(self, x: torch.Tensor) -> torch.Tensor:
         """gelu(linear(x), approximate="tanh") with the activation applied before rounding to bf16."""
         if self.kernel is not None and x.shape[0] <= self.kernel.max_rows:
-            return self.kernel.linear(x, *self.weight_buffer, self.bias_f32, self.out_features, _GELU_TANH)
+            return self.kernel.linear(x, *self.weight_buffer, self._buffers["bias_f32"], self.out_features, _GELU_TANH)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "gelu", [], "tanh")
 
 

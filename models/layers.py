@@ -26,6 +26,7 @@ class Linear(nn.Linear):
         super().__init__(in_features, out_features, bias)
         self.kernel: nn.Module | None = None
         self._run_kernel = None  # kernel.forward, a plain attribute: the hot path skips two module lookups
+        self._run_kernel_gelu_tanh = None  # kernel.forward_gelu_tanh where the kernel fuses it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._run_kernel is None:
@@ -34,12 +35,13 @@ class Linear(nn.Linear):
 
     def forward_gelu_tanh(self, x: torch.Tensor) -> torch.Tensor:
         """gelu(linear(x), approximate="tanh"), fused into the matmul where the kernel can."""
-        fused = getattr(self.kernel, "forward_gelu_tanh", None)
+        fused = self._run_kernel_gelu_tanh
         return fused(x) if fused is not None else F.gelu(self(x), approximate="tanh")
 
     def use_kernel(self, kernel: nn.Module) -> None:
         """Run through `kernel` from now on; it copied the weight (and holds the bias) already."""
         self.kernel, self._run_kernel = kernel, kernel.forward
+        self._run_kernel_gelu_tanh = getattr(kernel, "forward_gelu_tanh", None)
         self.weight = None  # freed once nothing else (a tied embedding) holds it
         self.bias = None
 

@@ -118,6 +118,20 @@ def test_quantized_linear_equals_exact_math(method, use_kernel, rows, shape, bia
 
 
 @pytest.mark.parametrize("method", ["int8", "int4"])
+@pytest.mark.parametrize("use_kernel", [False, True])
+def test_leading_dimensions_pass_through(method, use_kernel):
+    """(B, T, K) in, (B, T, N) out, row for row the (M, K) result; a 1-D row too."""
+    if use_kernel:
+        skip_without_a_kernel(method)
+    layer = make_quantized(_linear(64, 96).to(torch.bfloat16), method, use_kernel=use_kernel)
+    x = torch.randn(6, 64).to(torch.bfloat16)
+    flat = layer(x)
+    assert torch.equal(layer(x.view(2, 3, 64)), flat.view(2, 3, 96))
+    assert torch.equal(layer.forward_gelu_tanh(x.view(3, 2, 64)), layer.forward_gelu_tanh(x).view(3, 2, 96))
+    assert torch.equal(layer(x[0]), flat[0])
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
 def test_kernel_rows_do_not_depend_on_their_batch(method):
     """Row r of a batch is bit-identical to row r alone, in every kernel path (int8: in registers
     up to 12 rows, through the widened scratch beyond): what keeps greedy output batch-invariant."""
