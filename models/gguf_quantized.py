@@ -65,7 +65,8 @@ def read_q4(tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return v, scale, minimum
 
 
-def keep_gguf_weights(model: nn.Module, spec: str, use_kernel: bool = True) -> int:
+def keep_gguf_weights(model: nn.Module, spec: str, use_kernel: bool = True,
+                      activation_dtype: torch.dtype = torch.bfloat16) -> int:
     """Hand every linear whose GGUF tensor is Q4_0 / Q4_1 / Q8_0 to a layer holding the file's
     values (Int4Linear, Int8GroupLinear), a tied LM head included; returns how many."""
     import gguf
@@ -98,7 +99,7 @@ def keep_gguf_weights(model: nn.Module, spec: str, use_kernel: bool = True) -> i
     others = sum(1 for m in model.modules() if isinstance(m, Linear) and m.kernel is None)
     layers = [m.kernel for m in model.modules() if isinstance(getattr(m, "kernel", None), QuantizedLinear)]
     log.info("kept %d linear layers as the GGUF stores them (Q4_0/Q4_1/Q8_0, groups of 32; %s); %d in the model "
-             "dtype (tensors of other types, or fused with one)", kept, describe_paths(layers), others)
+             "dtype (tensors of other types, or fused with one)", kept, describe_paths(layers, activation_dtype), others)
     return kept
 
 

@@ -41,8 +41,7 @@ class LoadedModel:
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    """`auto` picks bf16 where it is fast (CUDA; CPUs with AVX512-BF16/AMX; AVX2 CPUs where
-    nanoserve's AVX2 bf16 kernel built), else float32."""
+    """`auto` picks bf16 where it is fast (CUDA, CPUs with AVX512-BF16/AMX), else float32."""
     if isinstance(dtype, torch.dtype):
         return dtype
     names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -53,15 +52,7 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
         raise ValueError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if cpu_has_fast_bf16() or cpu_runs_bf16_on_avx2_kernels() else torch.float32
-
-
-def cpu_runs_bf16_on_avx2_kernels() -> bool:
-    """Whether this CPU lacks a oneDNN bf16 path but has nanoserve's AVX2 bf16 kernel (built
-    here), which decodes 1.4-2.4x faster than float32 (README, "On a CPU without AVX-512")."""
-    from models.fast_linear import own_layout_kernel
-
-    return own_layout_kernel() is not None
+    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
 
 
 def cpu_has_fast_bf16() -> bool:

@@ -25,9 +25,11 @@ log = logging.getLogger(__name__)
 QUANTIZATION_METHODS = ("int8", "int4", "int4-g64", "int4-g128", "gguf")
 
 
-def quantize_model(model: nn.Module, spec: str, method: str | None, use_kernel: bool = True) -> int:
+def quantize_model(model: nn.Module, spec: str, method: str | None, use_kernel: bool = True,
+                   activation_dtype: torch.dtype = torch.bfloat16) -> int:
     """Quantize `model` (loaded from `spec`) in place; returns how many linears changed. A model
-    an earlier engine quantized keeps its layers, and must be asked for the same method."""
+    an earlier engine quantized keeps its layers, and must be asked for the same method.
+    activation_dtype: the model's, for the load log's account of which path the layers take."""
     done = getattr(model, "quantization", None)
     if done is not None or method is None:
         if done != method:
@@ -37,9 +39,9 @@ def quantize_model(model: nn.Module, spec: str, method: str | None, use_kernel: 
     if method == "gguf":
         from models.gguf_quantized import keep_gguf_weights
 
-        count = keep_gguf_weights(model, spec, use_kernel)
+        count = keep_gguf_weights(model, spec, use_kernel, activation_dtype)
     else:
-        count = quantize_linear_layers(model, method, use_kernel)
+        count = quantize_linear_layers(model, method, use_kernel, activation_dtype)
     model.quantization = method
     return count
 
@@ -67,7 +69,8 @@ def make_quantized(linear: nn.Linear, method: str, use_kernel: bool = True) -> Q
     return Int4Linear(linear, group_size(method), use_kernel)
 
 
-def quantize_linear_layers(model: nn.Module, method: str, use_kernel: bool = True) -> int:
+def quantize_linear_layers(model: nn.Module, method: str, use_kernel: bool = True,
+                           activation_dtype: torch.dtype = torch.bfloat16) -> int:
     """Hand every Linear's matmul (the LM head's too) to its quantized form; returns how many."""
     if method not in QUANTIZATION_METHODS or method == "gguf":
         raise ValueError(f"unknown quantization {method!r}; choose one of {', '.join(QUANTIZATION_METHODS[:-1])} "
@@ -86,7 +89,7 @@ def quantize_linear_layers(model: nn.Module, method: str, use_kernel: bool = Tru
                 embedding.use_kernel(QuantizedEmbedding(quantized, embedding.weight.dtype))
     layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
     log.info("quantized %d linear layers to %s (%.0f -> %.0f MB of weights); %s", len(targets), method,
-             before / 1e6, _weight_bytes(model) / 1e6, describe_paths(layers))
+             before / 1e6, _weight_bytes(model) / 1e6, describe_paths(layers, activation_dtype))
     return len(targets)
 
 

@@ -12,7 +12,8 @@ widens them in registers, and a PyTorch reference everywhere else (fp32 models, 
 dequantizes the whole weight on every call. On x86 CPUs without AVX512-BF16 (AVX2-only ones,
 and AVX-512 ones without BF16 such as Skylake to Ice Lake) every layer has a plain AVX2 + FMA
 kernel too: models/csrc/int8_avx2_linear.cpp (per-channel int8) and grouped_avx2_linear.cpp
-(4-bit and grouped int8, + F16C for the fp16 scales). The weights are stored in the kernels'
+(4-bit and grouped int8, + F16C for the fp16 scales). Every kernel takes bf16 activations:
+a float32 model (`--dtype auto` on those CPUs) runs the reference path, as the load log says. The weights are stored in the kernels'
 layout: 64-column blocks of k-pairs (N padded to 64), the layout of the bf16 AVX512-BF16 kernel.
 """
 from __future__ import annotations
@@ -119,8 +120,13 @@ def int8_avx2_kernel() -> Callable | None:
 _KERNEL_CPU = {"int8_avx2_linear": "AVX2", "int8_group_avx2_linear": "AVX2", "int4_avx2_linear": "AVX2"}  # kernel function -> the CPU feature it needs (else AVX512-BF16)
 
 
-def describe_paths(layers: list[QuantizedLinear]) -> str:
-    """Which path the layers take, for the load log: '47 on the AVX2 kernel, 2 on the PyTorch reference path'."""
+def describe_paths(layers: list[QuantizedLinear], activation_dtype: torch.dtype = torch.bfloat16) -> str:
+    """Which path the layers take, for the load log: '47 on the AVX2 kernel, 2 on the PyTorch reference path'.
+    The kernels take bf16 activations only: with others every layer runs the reference path."""
+    kernels = sorted({_KERNEL_CPU.get(m.kernel.__name__, "AVX512-BF16") for m in layers if m.kernel is not None})
+    if kernels and activation_dtype != torch.bfloat16:
+        return (f"{len(layers)} on the PyTorch reference path ({str(activation_dtype).removeprefix('torch.')} "
+                f"activations; the {'/'.join(kernels)} kernel takes bfloat16: --dtype bfloat16)")
     paths = Counter("the PyTorch reference path" if m.kernel is None
                     else f"the {_KERNEL_CPU.get(m.kernel.__name__, 'AVX512-BF16')} kernel" for m in layers)
     return ", ".join(f"{count} on {path}" for path, count in paths.items()) or "none"

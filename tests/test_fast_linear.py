@@ -144,21 +144,6 @@ def test_a_cpu_without_onednn_bf16_packs_every_linear_for_the_avx2_kernel(caplog
     assert isinstance(model.transformer.wte.kernel, PackedEmbedding)
 
 
-def test_auto_dtype_is_bfloat16_wherever_a_cpu_bf16_path_runs():
-    """oneDNN's bf16 on AVX512-BF16/AMX CPUs; the AVX2 kernel on CPUs without a oneDNN bf16 path
-    (1.4-2.4x float32's decode speed there); float32 where neither runs."""
-    from models.loader import cpu_has_fast_bf16, resolve_dtype
-
-    picked = resolve_dtype("auto", torch.device("cpu"))
-    flags = {w for line in open("/proc/cpuinfo") if line.startswith("flags") for w in line.split()}
-    if cpu_has_fast_bf16():
-        assert picked == torch.bfloat16
-    elif can_build() and {"avx2", "fma"} <= flags and not onednn_packs_bf16():
-        assert own_layout_kernel() is not None and picked == torch.bfloat16
-    else:
-        assert picked == torch.float32
-
-
 def test_every_cpu_with_avx512_bf16_gets_a_small_batch_kernel():
     """AMX CPUs get the AMX kernel, other AVX512-BF16 CPUs the dot-product one (where a
     compiler is present); plain AVX2 CPUs get the AVX2 kernel (test above)."""

@@ -237,5 +237,5 @@ def test_q8_0_kernel_rows_do_not_depend_on_their_batch():
     alone = torch.cat([layer(x[i:i + 1]) for i in range(20)])
     for rows in (20, 7, 5, 4):  # widened scratch with remainder tiles of 2, 1, 2 and 1 rows
         assert torch.equal(layer(x[:rows]), alone[:rows]), rows
-    x = torch.randn(60, 576).to(torch.bfloat16)  # past the AVX2 kernel's 48-row chunk
+    x = torch.randn(60, 576).to(torch.bfloat16)  # the AVX2 kernel: 6-row tiles, 48-row chunks
     assert torch.equal(layer(x), torch.cat([layer(x[:48]), layer(x[48:])]))

@@ -131,6 +131,17 @@ def test_leading_dimensions_pass_through(method, use_kernel):
     assert torch.equal(layer(x[0]), flat[0])
 
 
+def test_the_load_log_says_float32_activations_run_the_reference_path(caplog):
+    """The kernels take bf16 activations: a float32 model's quantized layers run the reference
+    path whatever kernel this CPU has, and the log must not claim the kernel."""
+    skip_without_a_kernel("int4")
+    loaded = load_model("random:tiny-qwen2", dtype="float32", device="cpu")
+    with caplog.at_level("INFO", logger="models.quantization"):
+        Engine(loaded, EngineConfig(num_kv_blocks=16, quantization="int4"))
+    assert "on the PyTorch reference path (float32 activations; the " in caplog.text
+    assert "kernel takes bfloat16: --dtype bfloat16)" in caplog.text
+
+
 @pytest.mark.parametrize("method", ["int8", "int4"])
 def test_kernel_rows_do_not_depend_on_their_batch(method):
     """Row r of a batch is bit-identical to row r alone, in every kernel path (int8: in registers

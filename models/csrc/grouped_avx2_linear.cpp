@@ -15,7 +15,7 @@
 //   Per row, group and column: s = sum over the group's k-pairs of x_k v_k + x_k+1 v_k+1 in
 //   float32 (one FMA chain, k-pairs in order), then total += d s (+ m * sum of x over the group).
 //   One row (batch 1) widens in registers as the weights stream. More rows widen each group of
-//   a block once into a float32 scratch in L1 that every 6-row tile reads: the same products and
+//   a block once into a float32 scratch (8 KB at G = 32, in L1) that every 6-row tile reads: the same products and
 //   sums in the same order, so a row's result does not depend on its batch, bit for bit.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -222,8 +222,9 @@ torch::Tensor grouped_linear(const torch::Tensor& x, const char* w, const at::Ha
   const int64_t block_bytes = K / 2 * Format::kPairBytes;
   const auto xf = x.to(at::kFloat).contiguous();  // (M, K): widened once, broadcast from L1
   const float* xp = xf.data_ptr<float>();
-  // x_sum[m][g]: each row's sum over each group, for the minimum's term (4-bit only); a plain
-  // loop in one fixed order, so a row's sums do not depend on M.
+  // x_sum[m][g]: each row's sum over each group, for the minimum's term (4-bit only). -ffast-math
+  // may vectorize the loop, but each sum's order depends only on G and the row's alignment
+  // (rows are G floats apart), never on M: a row's sums do not depend on its batch.
   std::vector<float> x_sum(Format::kHasMinimum ? M * groups : 0);
   for (int64_t i = 0; i < static_cast<int64_t>(x_sum.size()); ++i) {
     float sum = 0.0f;
@@ -235,9 +236,8 @@ torch::Tensor grouped_linear(const torch::Tensor& x, const char* w, const at::Ha
   at::BFloat16* yp = y.data_ptr<at::BFloat16>();
   at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
     const char* stream_end = w + end * block_bytes;
-    std::vector<float> buffers(M == 1 ? kBlockCols : 2 * kChunkRows * kHalfCols + G * kBlockCols + 8);
-    float* totals = buffers.data();
-    float* scratch = totals + 2 * kChunkRows * kHalfCols;
+    std::vector<float> buffers(M == 1 ? kBlockCols : 2 * kChunkRows * kHalfCols + G * kBlockCols);
+    float* totals = buffers.data();  // then, past M == 1, the widened group
     for (int64_t jb = begin; jb < end; ++jb) {
       const char* block = w + jb * block_bytes;
       const at::Half* block_scale = scale + jb * groups * kBlockCols;
@@ -252,7 +252,7 @@ torch::Tensor grouped_linear(const torch::Tensor& x, const char* w, const at::Ha
       for (int64_t m0 = 0; m0 < M; m0 += kChunkRows) {
         const int rows = static_cast<int>(std::min(kChunkRows, M - m0));
         dot_block_rows<Format>(xp + m0 * K, K, G, rows, block, block_scale, block_minimum,
-                               sums ? sums + m0 * groups : nullptr, scratch, totals);
+                               sums ? sums + m0 * groups : nullptr, totals + 2 * kChunkRows * kHalfCols, totals);
         for (int half = 0; half < 2 && n0 + half * kHalfCols < N; ++half)
           store_block(totals + half * kChunkRows * kHalfCols, rows, nullptr, bias, activation, yp + m0 * N, N,
                       n0 + half * kHalfCols, N);

@@ -91,7 +91,7 @@ class ModelRunner:
         self.model.bind_kv_cache(self.kv_caches)
         self.workspace = DecodeWorkspace()
         if quantization is not None or is_quantized(self.model):  # a second engine reuses the model's
-            quantize_model(self.model, loaded.name, quantization, use_kernel=fast_kernels)
+            quantize_model(self.model, loaded.name, quantization, use_kernel=fast_kernels, activation_dtype=loaded.dtype)
         is_mla = hasattr(self.model, "set_mla_mode")
         if is_mla:
             self.model.set_mla_mode(mla_mode)  # before packing: the absorbed path splits kv_b_proj's weight
