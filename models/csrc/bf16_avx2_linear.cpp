@@ -12,7 +12,8 @@
 //     block jb:  k-pair p:  n0k0 n0k1 | n1k0 n1k1 | ... | n31k0 n31k1   (128 bytes: 4 ymm)
 //
 //   The dot product and epilogue are bf16_avx2_block.h's, shared with the AVX2 int8 kernel. The
-//   kernel takes every row count, prefill included.
+//   kernel takes every row count, prefill included; one row (batch 1) streams three blocks side by
+//   side (dot_blocks_row), more rows run register tiles of up to three rows over one block.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -45,14 +46,24 @@ torch::Tensor bf16_avx2_linear(torch::Tensor x, int64_t weight_address, int64_t 
   const int64_t block_bytes = K * kPairBytes / 2;
   const float* xp = xf.data_ptr<float>();
   at::BFloat16* yp = y.data_ptr<at::BFloat16>();
+  if (M == 1) {  // batch 1: kStreams blocks side by side
+    at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
+      alignas(32) float acc[kStreams * kCols];
+      for (int64_t jb = begin; jb < end; jb += kStreams) {
+        const int blocks = static_cast<int>(std::min<int64_t>(kStreams, end - jb));
+        kDotBlocksRow[blocks](xp, K, w + jb * block_bytes, block_bytes, acc);
+        for (int b = 0; b < blocks; ++b) store_block(acc + b * kCols, 1, nullptr, bp, activation, yp, N, (jb + b) * kCols, N);
+      }
+    });
+    return y;
+  }
   at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
-    const char* stream_end = w + end * block_bytes;
     alignas(32) float acc[kRowTile * kCols];
     for (int64_t jb = begin; jb < end; ++jb) {
       const char* block = w + jb * block_bytes;
       for (int64_t m0 = 0; m0 < M; m0 += kRowTile) {
         const int rows = static_cast<int>(std::min<int64_t>(kRowTile, M - m0));
-        kDotBlock[rows](xp + m0 * K, K, block, stream_end, acc);
+        kDotBlock[rows](xp + m0 * K, K, block, acc);
         store_block(acc, rows, nullptr, bp, activation, yp + m0 * N, N, jb * kCols, N);
       }
     }

@@ -29,8 +29,11 @@ namespace {
 constexpr int64_t kInt8Cols = 2 * kCols;        // columns per int8 block: two bf16 blocks
 constexpr int64_t kInt8PairBytes = kInt8Cols * 2;  // one k-pair of an int8 block
 
+constexpr int64_t kPrefetchBytes = 4096;  // widen_block's prefetch distance into L2
+
 // One int8 block (K/2 k-pairs of 128 bytes) -> two bf16 blocks of 32 columns (K/2 k-pairs of 128
-// bytes each) at out and out + K * 64. stream_end: the end of this thread's int8 stream.
+// bytes each) at out and out + K * 64. stream_end: the end of this thread's int8 stream. The
+// sparse prefetch pays here (4-row batches ~10% faster on Zen 3), not in dot_int8_block_row.
 void widen_block(const char* block, int64_t K, char* out, const char* stream_end) {
   const int64_t half_bytes = K * kCols * 2;
   for (int64_t p = 0; p < K / 2; ++p, block += kInt8PairBytes) {
@@ -61,10 +64,9 @@ void widen_block(const char* block, int64_t K, char* out, const char* stream_end
     c##j = _mm256_fmadd_ps(o, hi, _mm256_fmadd_ps(e, lo, c##j));                                     \
   }
 
-void dot_int8_block_row(const float* x, int64_t K, const char* block, const char* stream_end, float* acc) {
+void dot_int8_block_row(const float* x, int64_t K, const char* block, float* acc) {
   __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0;
   for (int64_t p = 0; p < K / 2; ++p, block += kInt8PairBytes) {
-    if (p % 8 == 0 && block + kPrefetchBytes < stream_end) _mm_prefetch(block + kPrefetchBytes, _MM_HINT_T1);
     const __m256 e = _mm256_broadcast_ss(x + 2 * p), o = _mm256_broadcast_ss(x + 2 * p + 1);
     NANOSERVE_INT8_COLUMN_STEP(0) NANOSERVE_INT8_COLUMN_STEP(1) NANOSERVE_INT8_COLUMN_STEP(2) NANOSERVE_INT8_COLUMN_STEP(3)
     NANOSERVE_INT8_COLUMN_STEP(4) NANOSERVE_INT8_COLUMN_STEP(5) NANOSERVE_INT8_COLUMN_STEP(6) NANOSERVE_INT8_COLUMN_STEP(7)
@@ -101,10 +103,9 @@ torch::Tensor int8_avx2_linear(torch::Tensor x, torch::Tensor qweight, torch::Te
   at::BFloat16* yp = y.data_ptr<at::BFloat16>();
   if (M == 1) {  // batch 1: widen in registers, no scratch
     at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
-      const char* stream_end = w + end * block_bytes;
       alignas(32) float acc[kInt8Cols];
       for (int64_t jb = begin; jb < end; ++jb) {
-        dot_int8_block_row(xp, K, w + jb * block_bytes, stream_end, acc);
+        dot_int8_block_row(xp, K, w + jb * block_bytes, acc);
         for (int half = 0; half < 2 && jb * kInt8Cols + half * kCols < N; ++half)
           store_block(acc + half * kCols, 1, sp, bp, activation, yp, N, jb * kInt8Cols + half * kCols, N);
       }
@@ -123,7 +124,7 @@ torch::Tensor int8_avx2_linear(torch::Tensor x, torch::Tensor qweight, torch::Te
         if (n0 >= N) break;
         for (int64_t m0 = 0; m0 < M; m0 += kRowTile) {
           const int rows = static_cast<int>(std::min<int64_t>(kRowTile, M - m0));
-          kDotBlock[rows](xp + m0 * K, K, scratch + half * K * kCols * 2, nullptr, acc);
+          kDotBlock[rows](xp + m0 * K, K, scratch + half * K * kCols * 2, acc);
           store_block(acc, rows, sp, bp, activation, yp + m0 * N, N, n0, N);
         }
       }
