@@ -106,8 +106,8 @@ def test_the_avx2_kernel_matches_the_fp32_reference_at_every_row_count(in_featur
 @pytest.mark.parametrize("out_features", [32, 64, 96, 160, 224, 2304])
 def test_the_avx2_kernel_gives_a_row_the_same_bits_alone_and_batched(threads, out_features):
     """Batch 1 streams three blocks side by side, more rows run register tiles over one block:
-    both must make each column's products in the same order. Block counts 1..7 and 72 leave each
-    thread 0, 1 or 2 blocks past its last whole triple, with one thread and with two."""
+    both must make each column's products in the same order. Block counts 1, 2, 3, 5, 7 and 72
+    leave each thread 0, 1 or 2 blocks past its last whole triple, with one thread and with two."""
     module = _avx2_kernel()
     linear = _bf16_linear(768, out_features)
     packed = PAIRS32_LAYOUT.order(linear.weight.detach()).contiguous()
@@ -125,17 +125,24 @@ def test_the_avx2_kernel_gives_a_row_the_same_bits_alone_and_batched(threads, ou
     _close_to_fp32(batched, F.linear(x.float(), linear.weight.float(), bias_f32))
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("rows", [1, 2, 3, 5])
-def test_the_avx2_kernel_adds_each_columns_products_in_k_order(rows):
+def test_the_avx2_kernel_adds_each_columns_products_in_k_order(rows, threads):
     """Products 2^24, 0 at (k0, k1) then 1, -2^24 at (k2, k3): in k order float32 loses the 1
     (2^24 + 1 rounds to 2^24) and ends at 0; any other order of a k-pair's two products ends at 1.
-    Batch 1 (three blocks side by side) and the row tiles must both give 0."""
+    Batch 1 (three blocks side by side on one thread, 2 + 1 on two) and the row tiles must both
+    give 0."""
     module = _avx2_kernel()
     in_features, out_features = 4, 96
     weight = torch.tensor([2.0 ** 12, 1.0, 1.0, -2.0 ** 12]).repeat(out_features, 1).to(torch.bfloat16)
     x = torch.tensor([2.0 ** 12, 0.0, 1.0, 2.0 ** 12]).repeat(rows, 1).to(torch.bfloat16)
     packed = PAIRS32_LAYOUT.order(weight).contiguous()
-    y = module.bf16_avx2_linear(x, packed.data_ptr(), packed.numel() * 2, None, out_features, 0)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y = module.bf16_avx2_linear(x, packed.data_ptr(), packed.numel() * 2, None, out_features, 0)
+    finally:
+        torch.set_num_threads(previous)
     assert torch.equal(y, torch.zeros(rows, out_features, dtype=torch.bfloat16))
 
 

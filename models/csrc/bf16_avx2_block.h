@@ -31,7 +31,7 @@ enum Activation : int64_t { kNone = 0, kGeluTanh = 1 };
 
 // Rows [0, kRows) of x (float32, row stride K) times one block -> acc (kRows x 32 floats). The
 // accumulators are named scalars, not an array, so that GCC keeps them in registers (see
-// bf16_dot_block.h). No software prefetch: on Zen 3 it made the stream slower at every row count.
+// bf16_dot_block.h). No software prefetch: on Zen 3 it made 1-16 rows no faster, most slower.
 #define NANOSERVE_ROW_ACCUMULATORS(r) \
   __m256 c##r##0 = _mm256_setzero_ps(), c##r##1 = c##r##0, c##r##2 = c##r##0, c##r##3 = c##r##0;
 #define NANOSERVE_ROW_INPUTS(r)                                                                      \
@@ -47,7 +47,7 @@ enum Activation : int64_t { kNone = 0, kGeluTanh = 1 };
     if constexpr (kRows > 2) c2##j = _mm256_fmadd_ps(o2, hi, _mm256_fmadd_ps(e2, lo, c2##j));        \
   }
 #define NANOSERVE_ROW_STORE(r)                                                                       \
-  if constexpr (kRows > r) {                                                                         \
+  if constexpr (kTiles > r) {                                                                        \
     _mm256_storeu_ps(acc + r * kCols, c##r##0), _mm256_storeu_ps(acc + r * kCols + 8, c##r##1);      \
     _mm256_storeu_ps(acc + r * kCols + 16, c##r##2), _mm256_storeu_ps(acc + r * kCols + 24, c##r##3); \
   }
@@ -55,6 +55,7 @@ enum Activation : int64_t { kNone = 0, kGeluTanh = 1 };
 template <int kRows>
 void dot_block(const float* x, int64_t K, const char* block, float* acc) {
   static_assert(kRows >= 1 && kRows <= kRowTile);
+  constexpr int kTiles = kRows;  // accumulator sets to store
   const __m256i high_halves = _mm256_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
   NANOSERVE_ROW_ACCUMULATORS(0) NANOSERVE_ROW_ACCUMULATORS(1) NANOSERVE_ROW_ACCUMULATORS(2)
   const int64_t k_pairs = K / 2;
@@ -64,10 +65,8 @@ void dot_block(const float* x, int64_t K, const char* block, float* acc) {
   }
   NANOSERVE_ROW_STORE(0) NANOSERVE_ROW_STORE(1) NANOSERVE_ROW_STORE(2)
 }
-#undef NANOSERVE_ROW_ACCUMULATORS
 #undef NANOSERVE_ROW_INPUTS
 #undef NANOSERVE_COLUMN_STEP
-#undef NANOSERVE_ROW_STORE
 
 using DotBlock = void (*)(const float*, int64_t, const char*, float*);
 constexpr DotBlock kDotBlock[kRowTile + 1] = {nullptr, dot_block<1>, dot_block<2>, dot_block<3>};
@@ -75,11 +74,9 @@ constexpr DotBlock kDotBlock[kRowTile + 1] = {nullptr, dot_block<1>, dot_block<2
 // One row of x (float32) against kBlocks consecutive blocks read side by side (block,
 // block + block_bytes, ...) -> acc (kBlocks x 32 floats): the batch-1 path. One thread streaming
 // one block at a time leaves DRAM bandwidth unused; three concurrent streams per thread took
-// GPT-2's batch-1 linears from ~12 to ~18 GB/s on a 2-core Zen 3 (where software prefetching
+// GPT-2's batch-1 linears from ~12 to ~15-17 GB/s on a 2-core Zen 3 (where software prefetching
 // made them slower). Each column's products and their order are dot_block<1>'s, so a row's
-// result is the same bits either way.
-#define NANOSERVE_STREAM_ACCUMULATORS(b) \
-  __m256 c##b##0 = _mm256_setzero_ps(), c##b##1 = c##b##0, c##b##2 = c##b##0, c##b##3 = c##b##0;
+// result is the same bits either way. Block b's accumulators are dot_block's row r = b.
 #define NANOSERVE_STREAM_STEP(b, j)                                                                  \
   if constexpr (kBlocks > b) {                                                                       \
     const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + b * block_bytes + 32 * j)); \
@@ -88,29 +85,27 @@ constexpr DotBlock kDotBlock[kRowTile + 1] = {nullptr, dot_block<1>, dot_block<2
     c##b##j = _mm256_fmadd_ps(o, hi, _mm256_fmadd_ps(e, lo, c##b##j));                               \
   }
 #define NANOSERVE_STREAM_COLUMNS(j) NANOSERVE_STREAM_STEP(0, j) NANOSERVE_STREAM_STEP(1, j) NANOSERVE_STREAM_STEP(2, j)
-#define NANOSERVE_STREAM_STORE(b)                                                                    \
-  if constexpr (kBlocks > b) {                                                                       \
-    _mm256_storeu_ps(acc + b * kCols, c##b##0), _mm256_storeu_ps(acc + b * kCols + 8, c##b##1);      \
-    _mm256_storeu_ps(acc + b * kCols + 16, c##b##2), _mm256_storeu_ps(acc + b * kCols + 24, c##b##3); \
-  }
 
-constexpr int kStreams = 3;  // 3 blocks x 4 accumulators, 2 inputs and the mask: 15 of 16 ymm
+// 3 blocks x 4 accumulators, 2 inputs and the mask: 15 of 16 ymm (GCC loads each weight vector
+// twice, for the shift and as the mask's memory operand, rather than spill)
+constexpr int kStreams = 3;
 
 template <int kBlocks>
 void dot_blocks_row(const float* x, int64_t K, const char* block, int64_t block_bytes, float* acc) {
   static_assert(kBlocks >= 1 && kBlocks <= kStreams);
+  constexpr int kTiles = kBlocks;  // accumulator sets to store
   const __m256i high_halves = _mm256_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
-  NANOSERVE_STREAM_ACCUMULATORS(0) NANOSERVE_STREAM_ACCUMULATORS(1) NANOSERVE_STREAM_ACCUMULATORS(2)
+  NANOSERVE_ROW_ACCUMULATORS(0) NANOSERVE_ROW_ACCUMULATORS(1) NANOSERVE_ROW_ACCUMULATORS(2)
   for (int64_t p = 0; p < K / 2; ++p, block += kPairBytes) {
     const __m256 e = _mm256_broadcast_ss(x + 2 * p), o = _mm256_broadcast_ss(x + 2 * p + 1);
     NANOSERVE_STREAM_COLUMNS(0) NANOSERVE_STREAM_COLUMNS(1) NANOSERVE_STREAM_COLUMNS(2) NANOSERVE_STREAM_COLUMNS(3)
   }
-  NANOSERVE_STREAM_STORE(0) NANOSERVE_STREAM_STORE(1) NANOSERVE_STREAM_STORE(2)
+  NANOSERVE_ROW_STORE(0) NANOSERVE_ROW_STORE(1) NANOSERVE_ROW_STORE(2)
 }
-#undef NANOSERVE_STREAM_ACCUMULATORS
+#undef NANOSERVE_ROW_ACCUMULATORS
+#undef NANOSERVE_ROW_STORE
 #undef NANOSERVE_STREAM_STEP
 #undef NANOSERVE_STREAM_COLUMNS
-#undef NANOSERVE_STREAM_STORE
 
 using DotBlocksRow = void (*)(const float*, int64_t, const char*, int64_t, float*);
 constexpr DotBlocksRow kDotBlocksRow[kStreams + 1] = {nullptr, dot_blocks_row<1>, dot_blocks_row<2>, dot_blocks_row<3>};
