@@ -25,6 +25,7 @@ namespace nanoserve_avx2 {
 
 constexpr int64_t kCols = 32;             // columns per block: 4 ymm of 8
 constexpr int kRowTile = 3;               // 3 rows x 4 accumulators, 6 inputs, 2 weight halves
+constexpr int64_t kPrefetchBytes = 4096;  // for the kernels that still prefetch their stream into L2
 constexpr int64_t kPairBytes = kCols * 4;  // one k-pair of a block
 
 enum Activation : int64_t { kNone = 0, kGeluTanh = 1 };

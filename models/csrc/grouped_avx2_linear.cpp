@@ -30,7 +30,7 @@
 
 namespace {
 
-constexpr int64_t kPrefetchBytes = 4096;  // how far ahead of the stream to fetch into L2 (every line: it pays here)
+using nanoserve_avx2::kPrefetchBytes;  // every line: it pays here
 using nanoserve_avx2::store_block;
 
 constexpr int64_t kBlockCols = 64;   // columns per block: 8 accumulators of 8

@@ -29,8 +29,6 @@ namespace {
 constexpr int64_t kInt8Cols = 2 * kCols;        // columns per int8 block: two bf16 blocks
 constexpr int64_t kInt8PairBytes = kInt8Cols * 2;  // one k-pair of an int8 block
 
-constexpr int64_t kPrefetchBytes = 4096;  // widen_block's prefetch distance into L2
-
 // One int8 block (K/2 k-pairs of 128 bytes) -> two bf16 blocks of 32 columns (K/2 k-pairs of 128
 // bytes each) at out and out + K * 64. stream_end: the end of this thread's int8 stream. The
 // sparse prefetch pays here (4-row batches ~10% faster on Zen 3), not in dot_int8_block_row.
