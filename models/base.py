@@ -141,7 +141,7 @@ class RotaryDecoderLM(CausalLM):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         x = self.vocab_parallel.embed(self.model.embed_tokens, input_ids)  # (N, C)
-        rope = self.rotary.tables(positions)  # (N, 1, D) cos and signed sin, shared by every layer
+        rope = self.rotary.tables(positions)  # this step's cos and signed sin, (N, 1, D), shared by every layer
         for layer in self.model.layers:
             x = layer(x, rope, meta)
         return self.model.norm(x)  # (N, C)

@@ -28,7 +28,7 @@ KERNELS = {"nanoserve_amx_linear": "amx_linear.cpp", "nanoserve_bf16_dot_linear"
            "nanoserve_paged_decode": "paged_decode_attention.cpp", "nanoserve_rms_norm": "rms_norm.cpp",
            "nanoserve_int8_linear": "int8_linear.cpp", "nanoserve_int8_avx2_linear": "int8_avx2_linear.cpp",
            "nanoserve_int4_linear": "int4_linear.cpp", "nanoserve_grouped_avx2_linear": "grouped_avx2_linear.cpp",
-           "nanoserve_argmax": "argmax.cpp"}
+           "nanoserve_argmax": "argmax.cpp", "nanoserve_elementwise": "elementwise.cpp"}
 
 _loaded: dict[str, ModuleType | None] = {}
 _errors: dict[str, str] = {}

@@ -1,7 +1,7 @@
 """The kernel seam: the device-dependent ops a model calls, and which implementation runs each.
 
-Model files call `Linear`, `RMSNorm`, `PagedAttention` (KV store + attention) and `apply_rotary`
-the same way on every device. The engine picks one `Kernels` at load (`select_kernels`, in the
+Model files call `Linear`, `RMSNorm`, `PagedAttention` (KV store + attention), the step's rotary
+tables (`rope(x)`) and `GatedMLP`'s activation the same way on every device. The engine picks one `Kernels` at load (`select_kernels`, in the
 model runner) and `bind_kernels` hands the choice to those layers; nothing is swapped out of the
 model afterwards, so the model a learner reads in models/gpt2.py is the model that runs.
 
@@ -15,7 +15,8 @@ model afterwards, so the model a learner reads in models/gpt2.py is the model th
                 SDPA per prefill chunk   with the store for a decode-only       the whole mixed batch
                                          step), SDPA prefill chunks
     RMSNorm     float32 composition      C++ kernel (rms_norm.cpp)              reference
-    rotary      float32 composition      reference                              reference
+    rotary      float32 composition      C++ kernel (elementwise.cpp)           reference
+    SiLU * up   F.silu(gate) * up        C++ kernel (elementwise.cpp)           reference
 
 Weight-only quantization (--quantization) hands linears to models/quantized_linear.py before
 this binding, on every device (its C++ kernels run on CPU, its PyTorch path elsewhere). An int8
@@ -35,7 +36,8 @@ import torch.nn as nn
 from models.attention import PagedAttention, paged_attention
 from models.fast_linear import pack_linear_layers
 from models.fused_attention import cpu_paged_attention, decode_kernel, describe_decode_path
-from models.layers import RMSNorm, rms_norm_kernel, rms_norm_reference
+from models.layers import (GatedMLP, RMSNorm, RotaryEmbedding, apply_rotary, elementwise_kernel, rms_norm_kernel,
+                           rms_norm_reference, silu_and_mul_reference)
 
 BACKENDS = ("reference", "cpu", "triton")
 
@@ -46,6 +48,8 @@ class Kernels:
     name: str                  # one of BACKENDS
     attention: Callable        # paged_attention's signature: (q, k, v, kv_cache, meta, scale) -> (N, H, D)
     rms_norm: Callable         # (x, weight, eps) -> x's shape and dtype
+    rotary: Callable           # (x (N, heads, D), cos, signed_sin) -> rotated x
+    silu_and_mul: Callable     # (N, 2F) -> (N, F)
     pack_linears: bool         # hand bf16 linears to packed kernels: oneDNN's or the AVX2 one (CPU only)
     description: str           # what attention runs, for the load log
 
@@ -64,9 +68,10 @@ def select_kernels(device: torch.device, fast_kernels: bool, kv_dtype: torch.dty
     if backend == "triton":
         why = triton_unsupported(kv_dtype, block_size)
         if why is None:
-            return Kernels("triton", triton_paged_attention, rms_norm_reference, False,
-                           "one Triton kernel for the mixed batch (models/triton_attention.py)")
-    return Kernels("reference", paged_attention, rms_norm_reference, False, f"PyTorch gather + SDPA ({why})")
+            return Kernels("triton", triton_paged_attention, rms_norm_reference, apply_rotary, silu_and_mul_reference,
+                           False, "one Triton kernel for the mixed batch (models/triton_attention.py)")
+    return Kernels("reference", paged_attention, rms_norm_reference, apply_rotary, silu_and_mul_reference, False,
+                   f"PyTorch gather + SDPA ({why})")
 
 
 def triton_unsupported(kv_dtype: torch.dtype, block_size: int) -> str | None:
@@ -88,6 +93,10 @@ def bind_kernels(model: nn.Module, kernels: Kernels) -> None:
             module.attend = kernels.attention
         elif isinstance(module, RMSNorm):
             module.norm = kernels.rms_norm
+        elif isinstance(module, RotaryEmbedding):
+            module.rotate = kernels.rotary
+        elif isinstance(module, GatedMLP):
+            module.silu_and_mul = kernels.silu_and_mul
     if kernels.pack_linears:
         pack_linear_layers(model)
 
@@ -98,12 +107,29 @@ def _cpu_kernels(head_dim: int) -> Kernels:
     attention = paged_attention if module is None else cpu_paged_attention
     norm = rms_norm_kernel()
     rms_norm = rms_norm_reference if norm is None else partial(_rms_norm_cpu, norm.rms_norm)
-    return Kernels("cpu", attention, rms_norm, True, describe_decode_path(head_dim))
+    elementwise = elementwise_kernel()
+    rotary = apply_rotary if elementwise is None else partial(_rotary_cpu, elementwise.rotary)
+    silu_and_mul = silu_and_mul_reference if elementwise is None else partial(_silu_and_mul_cpu, elementwise.silu_and_mul)
+    return Kernels("cpu", attention, rms_norm, rotary, silu_and_mul, True, describe_decode_path(head_dim))
 
 
 def _rms_norm_cpu(kernel: Callable, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """The C++ RMSNorm when x has the weight's dtype (one op instead of eight, same math)."""
     return kernel(x, weight, eps) if x.dtype == weight.dtype else rms_norm_reference(x, weight, eps)
+
+
+def _rotary_cpu(kernel: Callable, x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """The C++ rotary for (N, heads, D) rows of unit stride (one op instead of six, same bits)."""
+    if x.dim() == 3 and x.stride(-1) == 1 and cos.is_contiguous() and signed_sin.is_contiguous():
+        return kernel(x, cos, signed_sin)
+    return apply_rotary(x, cos, signed_sin)
+
+
+def _silu_and_mul_cpu(kernel: Callable, gate_up: torch.Tensor) -> torch.Tensor:
+    """The C++ SiLU-and-multiply for (N, 2F) rows of unit stride (one op instead of five)."""
+    if gate_up.dim() == 2 and gate_up.stride(-1) == 1:
+        return kernel(gate_up)
+    return silu_and_mul_reference(gate_up)
 
 
 def triton_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache, meta, scale: float) -> torch.Tensor:

@@ -1,5 +1,7 @@
 """Layers shared by the model families: linear and embedding layers whose kernel the load picks,
-RMSNorm, rotary position embedding, gated MLP, the pre-norm decoder block.
+RMSNorm, rotary position embedding, gated MLP, the pre-norm decoder block. Where the load binds a
+kernel (RMSNorm's `norm`, the rotary's `rotate`, the MLP's `silu_and_mul`), the default is the
+PyTorch composition written here, which the kernels are tested against.
 
 Legend: N tokens in the packed batch, C channels, H heads, D head dim.
 """
@@ -7,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -96,8 +99,22 @@ def rms_norm_kernel():
     return load_kernel("nanoserve_rms_norm", "rms_norm.cpp")
 
 
+def silu_and_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's activation, the PyTorch composition: (..., 2F) -> silu(gate) * up (..., F)."""
+    gate, up = gate_up.chunk(2, dim=-1)  # 2 x (..., F)
+    return F.silu(gate) * up
+
+
+def elementwise_kernel():
+    """models/csrc/elementwise.cpp (rotary, SiLU-and-multiply), or None where it cannot be built."""
+    return load_kernel("nanoserve_elementwise", "elementwise.cpp")
+
+
 class GatedMLP(nn.Module):
-    """SwiGLU MLP with the gate and up projections fused into one matmul."""
+    """SwiGLU MLP with the gate and up projections fused into one matmul. Which implementation
+    of the activation runs is the load's choice (models/kernels.py binds `silu_and_mul`)."""
+
+    silu_and_mul: Callable = staticmethod(silu_and_mul_reference)  # (N, 2F) -> (N, F)
 
     def __init__(self, dim: int, hidden_dim: int, bias: bool = False):
         super().__init__()
@@ -105,8 +122,7 @@ class GatedMLP(nn.Module):
         self.down_proj = Linear(hidden_dim, dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (N, 2F) -> 2 x (N, F)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.silu_and_mul(self.gate_up_proj(x)))  # (N, 2F) -> (N, F) -> (N, C)
 
 
 class PreNormBlock(nn.Module):
@@ -120,16 +136,39 @@ class PreNormBlock(nn.Module):
         self.mlp = mlp
         self.reduce = AllReduce()  # tensor parallel: sums the ranks' partial outputs (models/parallel.py)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: RotaryTables, meta) -> torch.Tensor:
         x = x + self.reduce(self.self_attn(self.input_layernorm(x), rope, meta))
         return x + self.reduce(self.mlp(self.post_attention_layernorm(x)))
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (N, heads, D) by a step's `RotaryTables`, the PyTorch composition, in float32; same dtype out."""
+    xf = x.float()
+    half = x.shape[-1] // 2
+    return torch.addcmul(xf * cos, xf.roll(half, dims=-1), signed_sin).to(x.dtype)
+
+
+@dataclass(frozen=True)
+class RotaryTables:
+    """One step's rotary tables, cos and signed sin (N, 1, D) float32, and the implementation the
+    load bound: `rope(x)` rotates x (N, heads, D) to its tokens' positions, same dtype out."""
+
+    cos: torch.Tensor
+    signed_sin: torch.Tensor
+    rotate: Callable  # (x, cos, signed_sin) -> rotated x: apply_rotary or a kernel
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rotate(x, self.cos, self.signed_sin)
 
 
 class RotaryEmbedding(nn.Module):
     """Rotary embedding in the HF "rotate half" layout, cos/sin tables precomputed once.
 
-    Supports rope_scaling types default, linear, llama3 and yarn, read from the HF config.
+    Supports rope_scaling types default, linear, llama3 and yarn, read from the HF config. Which
+    implementation rotates is the load's choice (models/kernels.py binds `rotate`).
     """
+
+    rotate: Callable = staticmethod(apply_rotary)  # (x, cos, signed_sin) -> rotated x
 
     def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None = None):
         super().__init__()
@@ -140,7 +179,7 @@ class RotaryEmbedding(nn.Module):
         self.cos = freqs.cos() * attention_factor  # (P, D/2)
         self.sin = freqs.sin() * attention_factor
 
-    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def tables(self, positions: torch.Tensor) -> RotaryTables:
         """cos and signed sin for positions (N,), once per forward: (N, 1, D) float32 each.
 
         With x = [x1, x2] and roll(x) = [x2, x1], "rotate half" is x * [cos, cos] + roll(x) * [-sin, sin].
@@ -148,14 +187,8 @@ class RotaryEmbedding(nn.Module):
         if self.cos.device != positions.device:
             self.cos, self.sin = self.cos.to(positions.device), self.sin.to(positions.device)
         cos, sin = self.cos[positions], self.sin[positions]  # (N, D/2)
-        return torch.cat((cos, cos), dim=-1)[:, None, :], torch.cat((-sin, sin), dim=-1)[:, None, :]
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (N, heads, D) by tables from `RotaryEmbedding.tables`, in float32; same dtype out."""
-    xf = x.float()
-    half = x.shape[-1] // 2
-    return torch.addcmul(xf * cos, xf.roll(half, dims=-1), signed_sin).to(x.dtype)
+        return RotaryTables(torch.cat((cos, cos), dim=-1)[:, None, :], torch.cat((-sin, sin), dim=-1)[:, None, :],
+                            self.rotate)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> tuple[torch.Tensor, float]:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from models.attention import AttentionMetadata
 from models.kv_int8 import read_rows, store_rows
-from models.layers import Linear, RMSNorm, apply_rotary
+from models.layers import Linear, RMSNorm, RotaryTables
 
 MLA_MODES = ("absorbed", "naive")
 MLA_PATHS = {  # what each mode does on a decode step, for the load log
@@ -80,16 +80,16 @@ class MLAttention(nn.Module):
         self.w_uk = w[:, :self.nope_dim].contiguous()  # (H, Dn, L)
         self.w_uv_t = w[:, self.nope_dim:].transpose(1, 2).contiguous()  # (H, L, Dv)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: RotaryTables, meta: AttentionMetadata) -> torch.Tensor:
         H, Dn, L = self.num_heads, self.nope_dim, self.kv_lora_rank
         if hasattr(self, "q_proj"):
             q = self.q_proj(x)  # (N, H (Dn + R))
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))  # (N, q_lora) -> (N, H (Dn + R))
         q = q.view(-1, H, Dn + self.rope_dim)  # (N, H, Dn + R)
-        q_nope, q_pe = q[..., :Dn], apply_rotary(q[..., Dn:], *rope)  # (N, H, Dn), (N, H, R)
+        q_nope, q_pe = q[..., :Dn], rope(q[..., Dn:])  # (N, H, Dn), (N, H, R)
         ckv = self.kv_a_proj_with_mqa(x)  # (N, L + R)
-        latent = torch.cat((self.kv_a_layernorm(ckv[:, :L]), apply_rotary(ckv[:, None, L:], *rope)[:, 0]), dim=-1)  # (N, L + R)
+        latent = torch.cat((self.kv_a_layernorm(ckv[:, :L]), rope(ckv[:, None, L:])[:, 0]), dim=-1)  # (N, L + R)
         if self.kv_cache is not None:
             store_rows(self.kv_cache[0], meta.slot_mapping, latent[:, None])  # pool (NB, BS, 1, L + R)
         out = x.new_empty(x.shape[0], H, self.v_dim)  # (N, H, Dv)

@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from models.attention import AttentionMetadata, PagedAttention
 from models.base import KVCacheSpec, RotaryDecoderLM
-from models.layers import GatedMLP, Linear, RMSNorm, apply_rotary
+from models.layers import GatedMLP, Linear, RMSNorm, RotaryTables
 from models.moe import MoEConfig, SparseMoE
 
 
@@ -136,14 +136,14 @@ class Attention(nn.Module):
         self.paged_attn = PagedAttention(self.head_dim**-0.5)
         self.kv_cache = None
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: RotaryTables, meta: AttentionMetadata) -> torch.Tensor:
         qkv = self.qkv_proj(x)  # (N, (H + 2 KVH) D)
         H, KVH, D = self.num_heads, self.num_kv_heads, self.head_dim
         qk = qkv[:, :(H + KVH) * D].view(-1, H + KVH, D)  # (N, H + KVH, D): q and k rotate together
         v = qkv[:, (H + KVH) * D:].view(-1, KVH, D)  # (N, KVH, D)
         if hasattr(self, "q_norm"):
             qk = torch.cat((self.q_norm(qk[:, :H]), self.k_norm(qk[:, H:])), dim=1)
-        qk = apply_rotary(qk, *rope)
+        qk = rope(qk)  # rotated to each token's position
         q, k = qk[:, :H], qk[:, H:]  # (N, H, D), (N, KVH, D)
         y = self.paged_attn(q, k, v, self.kv_cache, meta)  # (N, H, D)
         return self.o_proj(y.flatten(1))  # (N, H*D) -> (N, C)

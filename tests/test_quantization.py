@@ -395,6 +395,34 @@ def test_the_avx2_grouped_kernels_add_a_row_in_the_same_order_alone_and_batched(
     assert alone.unique().tolist() == [0.0]  # each k-pair's even product first, in both paths
 
 
+@pytest.mark.parametrize("fmt", ["int8", "int4-g32", "q8_0"])
+def test_the_avx2_quantized_kernels_widen_strided_and_large_inputs_alike(fmt):
+    """The AVX2 kernels widen a decode-sized x into a per-thread buffer (a 64K-float one) and
+    a larger one through ATen: a row gives the same bits either way, and rows of a wider tensor
+    (row stride past K) the same as a contiguous copy."""
+    in_features, out_features = 1536, 96
+    torch.manual_seed(7)
+    linear = _linear(in_features, out_features).to(torch.bfloat16)
+    if fmt == "int8":
+        kernel = int8_avx2_kernel()
+        if kernel is None:
+            assert not can_build(), "a compiler is here, so the AVX2 int8 kernel must build"
+            pytest.skip("no compiler, or a CPU without AVX2 + FMA")
+        layer = Int8Linear(linear, use_kernel=False)
+        run = lambda x: kernel(x, layer.qweight, layer.scale, layer.bias, out_features, 0)  # noqa: E731
+    else:
+        kernel = _avx2_grouped(fmt)
+        layer = _grouped_layer(fmt, linear)[0]
+        run = lambda x: _run_avx2_grouped(kernel, layer, x)  # noqa: E731
+    wide = torch.randn(48, in_features + 40).to(torch.bfloat16)
+    x = wide[:, :in_features]  # 48 x 1536 floats: past the buffer, so ATen widens the batch
+    batch = run(x)
+    assert torch.equal(batch, run(x.contiguous()))
+    for row in (0, 17, 47):
+        assert torch.equal(run(x[row:row + 1]), batch[row:row + 1]), f"row {row}"
+    assert torch.equal(run(x[:3]), batch[:3])
+
+
 # ---- a model shared by engines, refusals ----------------------------------------------------
 
 def test_a_second_engine_must_ask_for_the_same_method():

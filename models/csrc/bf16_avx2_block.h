@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "avx2_math.h"
 
@@ -136,6 +137,39 @@ inline void store_block(const float* acc, int rows, const float* scale, const fl
       }
     }
   }
+}
+
+// x (M, K) bf16 with unit stride over K -> float32 rows K apart, valid until the calling thread
+// widens again. A bf16 is the top half of a float32. Decode-sized inputs widen into a per-thread
+// buffer: ATen's `x.to(kFloat)` allocates and builds a TensorIterator, a few microseconds a call,
+// and a 30-layer model makes ~120 linear calls a step. Larger inputs (prefill) go through ATen
+// into `storage`.
+constexpr int64_t kWidenBufferFloats = 64 * 1024;  // 256 KB a calling thread
+inline const float* widen_rows(const torch::Tensor& x, torch::Tensor& storage) {
+  const int64_t M = x.size(0), K = x.size(1);
+  if (M * K > kWidenBufferFloats || x.stride(1) != 1) {
+    storage = x.to(at::kFloat).contiguous();
+    return storage.data_ptr<float>();
+  }
+  thread_local std::vector<float> buffer(kWidenBufferFloats + 16);
+  // 64-byte aligned as ATen's allocations are: a vectorized reduction over x (the grouped kernel's
+  // x_sum) then sums each row in the same order whichever way it was widened.
+  float* aligned = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buffer.data()) + 63) & ~uintptr_t{63});
+  const uint16_t* rows = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  for (int64_t m = 0; m < M; ++m) {
+    const uint16_t* in = rows + m * x.stride(0);
+    float* out = aligned + m * K;
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+      const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in + k)));
+      _mm256_storeu_ps(out + k, _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16)));
+    }
+    for (; k < K; ++k) {
+      const uint32_t bits = static_cast<uint32_t>(in[k]) << 16;
+      std::memcpy(out + k, &bits, sizeof(bits));
+    }
+  }
+  return aligned;
 }
 
 }  // namespace nanoserve_avx2

@@ -40,11 +40,11 @@ torch::Tensor bf16_avx2_linear(torch::Tensor x, int64_t weight_address, int64_t 
     TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N, "float32 (N,) bias");
     bp = bias->data_ptr<float>();
   }
-  const auto xf = x.to(at::kFloat).contiguous();  // (M, K): widened once, broadcast from L1
+  torch::Tensor widened;
+  const float* xp = widen_rows(x, widened);  // (M, K) float32: widened once, broadcast from L1
   auto y = torch::empty({M, N}, x.options());
   const char* w = reinterpret_cast<const char*>(weight_address);
   const int64_t block_bytes = K * kPairBytes / 2;
-  const float* xp = xf.data_ptr<float>();
   at::BFloat16* yp = y.data_ptr<at::BFloat16>();
   if (M == 1) {  // batch 1: kStreams blocks side by side
     at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {

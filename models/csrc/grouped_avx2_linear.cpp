@@ -32,6 +32,7 @@ namespace {
 
 using nanoserve_avx2::kPrefetchBytes;  // every line: it pays here
 using nanoserve_avx2::store_block;
+using nanoserve_avx2::widen_rows;
 
 constexpr int64_t kBlockCols = 64;   // columns per block: 8 accumulators of 8
 constexpr int64_t kHalfCols = 32;    // store_block's width
@@ -220,8 +221,8 @@ torch::Tensor grouped_linear(const torch::Tensor& x, const char* w, const at::Ha
   const int64_t M = x.size(0), K = x.size(1), groups = K / G;
   const int64_t n_blocks = (N + kBlockCols - 1) / kBlockCols;
   const int64_t block_bytes = K / 2 * Format::kPairBytes;
-  const auto xf = x.to(at::kFloat).contiguous();  // (M, K): widened once, broadcast from L1
-  const float* xp = xf.data_ptr<float>();
+  torch::Tensor widened;
+  const float* xp = widen_rows(x, widened);  // (M, K) float32: widened once, broadcast from L1
   // x_sum[m][g]: each row's sum over each group, for the minimum's term (4-bit only). -ffast-math
   // may vectorize the loop, but each sum's order depends only on G and the row's alignment
   // (rows are G floats apart), never on M: a row's sums do not depend on its batch.

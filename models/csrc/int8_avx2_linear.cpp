@@ -92,11 +92,11 @@ torch::Tensor int8_avx2_linear(torch::Tensor x, torch::Tensor qweight, torch::Te
     TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N, "float32 (N,) bias");
     bp = bias->data_ptr<float>();
   }
-  const auto xf = x.to(at::kFloat).contiguous();  // (M, K): widened once, broadcast from L1
+  torch::Tensor widened;
+  const float* xp = widen_rows(x, widened);  // (M, K) float32: widened once, broadcast from L1
   auto y = torch::empty({M, N}, x.options());
   const char* w = reinterpret_cast<const char*>(qweight.data_ptr<int8_t>());
   const float* sp = scale.data_ptr<float>();
-  const float* xp = xf.data_ptr<float>();
   const int64_t block_bytes = K * kInt8Cols;
   at::BFloat16* yp = y.data_ptr<at::BFloat16>();
   if (M == 1) {  // batch 1: widen in registers, no scratch
