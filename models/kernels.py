@@ -1,7 +1,7 @@
 """The kernel seam: the device-dependent ops a model calls, and which implementation runs each.
 
-Model files call `Linear`, `RMSNorm`, `PagedAttention` (KV store + attention), the step's rotary
-tables (`rope(x)`) and `GatedMLP`'s activation the same way on every device. The engine picks one `Kernels` at load (`select_kernels`, in the
+Model files call `Linear`, `RMSNorm`, `PagedAttention` (KV store + attention), the step's
+rotary tables (`rope(x)`) and `GatedMLP`'s activation the same way on every device. The engine picks one `Kernels` at load (`select_kernels`, in the
 model runner) and `bind_kernels` hands the choice to those layers; nothing is swapped out of the
 model afterwards, so the model a learner reads in models/gpt2.py is the model that runs.
 
@@ -17,6 +17,7 @@ model afterwards, so the model a learner reads in models/gpt2.py is the model th
     RMSNorm     float32 composition      C++ kernel (rms_norm.cpp)              reference
     rotary      float32 composition      C++ kernel (elementwise.cpp)           reference
     SiLU * up   F.silu(gate) * up        C++ kernel (elementwise.cpp)           reference
+                (GatedMLP; the routed experts of models/moe.py keep the composition)
 
 Weight-only quantization (--quantization) hands linears to models/quantized_linear.py before
 this binding, on every device (its C++ kernels run on CPU, its PyTorch path elsewhere). An int8
@@ -118,16 +119,21 @@ def _rms_norm_cpu(kernel: Callable, x: torch.Tensor, weight: torch.Tensor, eps: 
     return kernel(x, weight, eps) if x.dtype == weight.dtype else rms_norm_reference(x, weight, eps)
 
 
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the elementwise kernels compute in float32
+
+
 def _rotary_cpu(kernel: Callable, x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """The C++ rotary for (N, heads, D) rows of unit stride (one op instead of six, same bits)."""
-    if x.dim() == 3 and x.stride(-1) == 1 and cos.is_contiguous() and signed_sin.is_contiguous():
+    """The C++ rotary for (N, heads, D) rows of unit stride: one op instead of six, and the same
+    bits as ATen's vectorized composition (models/csrc/elementwise.cpp)."""
+    if x.dim() == 3 and x.stride(-1) == 1 and x.dtype in _KERNEL_DTYPES and cos.dtype == torch.float32 \
+            and cos.is_contiguous() and signed_sin.is_contiguous():
         return kernel(x, cos, signed_sin)
     return apply_rotary(x, cos, signed_sin)
 
 
 def _silu_and_mul_cpu(kernel: Callable, gate_up: torch.Tensor) -> torch.Tensor:
     """The C++ SiLU-and-multiply for (N, 2F) rows of unit stride (one op instead of five)."""
-    if gate_up.dim() == 2 and gate_up.stride(-1) == 1:
+    if gate_up.dim() == 2 and gate_up.stride(-1) == 1 and gate_up.dtype in _KERNEL_DTYPES:
         return kernel(gate_up)
     return silu_and_mul_reference(gate_up)
 

@@ -128,13 +128,13 @@ def test_the_avx2_kernel_gives_a_row_the_same_bits_alone_and_batched(threads, ou
 def test_the_avx2_kernel_widens_strided_and_large_inputs_alike():
     """Decode-sized inputs widen into a per-thread buffer (64K floats), larger ones through
     ATen: a row gives the same bits either way, and rows of a wider tensor (row stride past K,
-    as a slice of a fused projection's output) the same as a contiguous copy. K = 1000 leaves
-    a tail past the 8-wide widening."""
+    as a slice of a fused projection's output) the same as a contiguous copy. K = 1004 leaves
+    a tail of 4 past the 8-wide widening."""
     module = _avx2_kernel()
-    linear = _bf16_linear(1000, 96)
+    linear = _bf16_linear(1004, 96)
     packed = PAIRS32_LAYOUT.order(linear.weight.detach()).contiguous()
     run = lambda x: module.bf16_avx2_linear(x, packed.data_ptr(), packed.numel() * 2, None, 96, 0)  # noqa: E731
-    x = torch.randn(80, 1040).to(torch.bfloat16)[:, :1000]  # 80 000 floats: ATen widens the batch
+    x = torch.randn(80, 1040).to(torch.bfloat16)[:, :1004]  # 80 320 floats: ATen widens the batch
     batch = run(x)
     assert torch.equal(batch, run(x.contiguous()))
     for row in (0, 41, 79):

@@ -94,6 +94,8 @@ def test_qwen_trace_shows_grouped_kv_heads(capsys):
         assert _shape(q) == ([N, H, D], ["N", "H", "D"])
         assert _shape(k) == _shape(v) == ([N, KVH, D], ["N", "KVH", "D"])
         assert _shape(attention[0]["outputs"][0]) == ([N, H, D], ["N", "H", "D"])
+        block_inputs = next(m for m in step["modules"] if m["name"] == "model.layers.0")["inputs"]
+        assert [b["shape"] for b in block_inputs] == [[N, C], [N, 1, D], [N, 1, D]]  # x, then the RoPE cos and sin
         o_proj = next(m for m in step["modules"] if m["name"] == "model.layers.0.self_attn.o_proj")
         assert _shape(o_proj["inputs"][0]) == ([N, H * D], ["N", "H*D"])
         logits = next(m for m in step["modules"] if m["name"] == "lm_head")["outputs"][0]

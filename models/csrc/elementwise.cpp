@@ -15,10 +15,17 @@
 
 namespace {
 
-constexpr int64_t kGrainElements = 32768;  // rows per thread task: small batches stay on the calling thread
+void check_input(const torch::Tensor& x) {
+  TORCH_CHECK(x.is_cpu(), "CPU tensors only");
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, "float32, bfloat16 or float16 input");
+}
 
-// One rotary row, rounded as ATen's `addcmul(xf * cos, roll(xf), signed_sin)` rounds on x86: the
-// straight product first, then the rolled one fused into the sum. Both paths give the same bits.
+constexpr int64_t kGrainElements = 32768;  // elements per thread task: small batches stay on the calling thread
+
+// One rotary row: the straight product rounded first, then the rolled one fused into the sum.
+// That is how ATen's AVX2 / AVX-512 `addcmul(xf * cos, roll(xf), signed_sin)` rounds (its vector
+// kernel is compiled with the multiply-add contracted), so there both paths give the same bits.
 template <typename T>
 void rotate_row(const T* x, const float* cos, const float* signed_sin, T* y, int64_t D) {
   const int64_t half = D / 2;
@@ -32,12 +39,14 @@ void rotate_row(const T* x, const float* cos, const float* signed_sin, T* y, int
   }
 }
 
-// One SwiGLU row: silu rounds to T before the product, as `F.silu(gate) * up` rounds.
+// One SwiGLU row: silu rounds to T before the product, as `F.silu(gate) * up` rounds. The
+// exponent is capped below float32's overflow: -ffast-math divides by an approximate reciprocal,
+// which turns g / inf into NaN where PyTorch gives -0 (any gate below -88.7).
 template <typename T>
 void silu_and_mul_row(const T* gate, const T* up, T* y, int64_t F) {
   for (int64_t f = 0; f < F; ++f) {
     const float g = static_cast<float>(gate[f]);
-    const T silu = static_cast<T>(g / (1.0f + std::exp(-g)));
+    const T silu = static_cast<T>(g / (1.0f + std::exp(std::min(-g, 88.0f))));
     y[f] = static_cast<T>(static_cast<float>(silu) * static_cast<float>(up[f]));
   }
 }
@@ -45,6 +54,7 @@ void silu_and_mul_row(const T* gate, const T* up, T* y, int64_t F) {
 }  // namespace
 
 torch::Tensor rotary(torch::Tensor x, torch::Tensor cos, torch::Tensor signed_sin) {
+  check_input(x);
   TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1, "x must be (N, heads, D) with unit stride over D");
   const int64_t N = x.size(0), heads = x.size(1), D = x.size(2);
   TORCH_CHECK(D % 2 == 0, "the head dim must be even");
@@ -55,7 +65,7 @@ torch::Tensor rotary(torch::Tensor x, torch::Tensor cos, torch::Tensor signed_si
   auto y = torch::empty({N, heads, D}, x.options());
   const int64_t row_stride = x.stride(0), head_stride = x.stride(1);
   const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(heads * D, 1));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rotary", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rotary", [&] {  // double: refused above
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
     const float* cp = cos.data_ptr<float>();
@@ -70,6 +80,7 @@ torch::Tensor rotary(torch::Tensor x, torch::Tensor cos, torch::Tensor signed_si
 }
 
 torch::Tensor silu_and_mul(torch::Tensor x) {
+  check_input(x);
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.size(1) % 2 == 0, "x must be (N, 2F) with unit stride over 2F");
   const int64_t N = x.size(0), F = x.size(1) / 2, row_stride = x.stride(0);
   auto y = torch::empty({N, F}, x.options());

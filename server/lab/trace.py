@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from models.attention import AttentionMetadata
+from models.layers import RotaryTables
 from models.loader import LoadedModel
 from server.config import EngineConfig
 from server.engine.engine import Engine
@@ -113,9 +114,12 @@ class ModuleRecorder:
 
 
 def _tensors(values: list) -> list[TensorInfo]:
-    """Tensors among the values, one level into tuples and lists (RoPE tables, KV pools)."""
+    """Tensors among the values, one level into tuples and lists (KV pools) and a step's RoPE
+    tables (cos, signed sin)."""
     out = []
     for value in values:
+        if isinstance(value, RotaryTables):
+            value = (value.cos, value.signed_sin)
         for t in value if isinstance(value, (tuple, list)) else (value,):
             if isinstance(t, torch.Tensor):
                 out.append(TensorInfo(list(t.shape), [], str(t.dtype).removeprefix("torch."), t.numel() * t.element_size()))
