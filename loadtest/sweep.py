@@ -69,17 +69,19 @@ def parse_levels(text: str) -> list[int]:
 
 
 def read_counters(url: str) -> dict[str, float] | None:
-    """The server counters a level reports, each summed over its labels (None when /metrics is
-    unreadable): generated tokens, and speculative draft/accepted tokens."""
+    """The server counters a level reports, each summed over its labels: generated tokens, and
+    speculative draft/accepted tokens. None when the server has no readable Prometheus /metrics
+    (a peer such as llama-server started without `--metrics` answers 501 with a JSON error)."""
     try:
-        text = httpx.get(url + "/metrics", timeout=10).text
-    except httpx.HTTPError:
+        response = httpx.get(url + "/metrics", timeout=10)
+        response.raise_for_status()
+        totals = dict.fromkeys(SERVER_COUNTERS, 0.0)
+        for family in text_string_to_metric_families(response.text):
+            for sample in family.samples:
+                if sample.name in totals:
+                    totals[sample.name] += sample.value
+    except (httpx.HTTPError, ValueError):  # unreachable, an error status, or not Prometheus text
         return None
-    totals = dict.fromkeys(SERVER_COUNTERS, 0.0)
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name in totals:
-                totals[sample.name] += sample.value
     return totals
 
 

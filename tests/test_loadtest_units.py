@@ -166,3 +166,33 @@ def test_nanoserve_loadtest_subcommand_takes_the_sweep_flags(capsys):
         main(["loadtest", "--help"])
     assert exit_info.value.code == 0
     assert "--levels" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("status, body", [
+    (501, b'{"error":{"code":501,"message":"This server does not support metrics endpoint. Start it with `--metrics`"}}'),
+    (200, b'{"error": "not prometheus text"}'),
+])
+def test_a_peer_without_prometheus_metrics_reports_no_counters(status, body):
+    """llama-server without --metrics answers /metrics with a JSON error: the sweep goes on
+    without server counters instead of dying in the Prometheus parser."""
+    import http.server
+    import threading
+
+    class Peer(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    peer = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Peer)
+    threading.Thread(target=peer.serve_forever, daemon=True).start()
+    try:
+        assert sweep.read_counters(f"http://127.0.0.1:{peer.server_address[1]}") is None
+    finally:
+        peer.shutdown()
+        peer.server_close()
