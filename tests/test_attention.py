@@ -103,12 +103,13 @@ def test_cache_free_path_is_causal_per_sequence():
 
 @pytest.mark.skipif(not can_build(), reason="no compiler or ninja here: the fused kernel cannot build")
 @pytest.mark.parametrize("pool_dtype", [torch.bfloat16, torch.int8])
-@pytest.mark.parametrize("kv_heads", [KVH, H])
+@pytest.mark.parametrize("kv_heads, q_heads", [(KVH, H), (H, H), (12, 12)])
 @pytest.mark.parametrize("path", DECODE_PATHS)
-def test_the_decode_kernel_does_not_depend_on_the_batch_or_the_threads(pool_dtype, kv_heads, path):
+def test_the_decode_kernel_does_not_depend_on_the_batch_or_the_threads(pool_dtype, kv_heads, q_heads, path):
     """Long and short sequences match the PyTorch path, and each sequence's output is bit for
-    bit the same alone (split by KV head over the threads), in a batch (one task per sequence),
-    and on one thread: greedy output must not depend on what else runs."""
+    bit the same alone (split over the threads into slices of adjacent KV heads: one head each
+    up to 4 heads, three each at 12), in a batch (one task per sequence), and on one thread:
+    greedy output must not depend on what else runs."""
     from models.fused_attention import fused_decode_attention
 
     decode_path_or_skip(path)
@@ -120,7 +121,7 @@ def test_the_decode_kernel_does_not_depend_on_the_batch_or_the_threads(pool_dtyp
     tables = [[free.pop() for _ in range(-(-n // block_size))] for n in lens]
     rows = [torch.randn(160, block_size, kv_heads, head_dim, generator=gen).bfloat16() for _ in range(2)]
     pool = tuple(quantize_rows(r) if pool_dtype == torch.int8 else r for r in rows)
-    q = (3 * torch.randn(len(lens), H, head_dim, generator=gen)).bfloat16()
+    q = (3 * torch.randn(len(lens), q_heads, head_dim, generator=gen)).bfloat16()
     meta = build_attention_metadata([1] * len(lens), lens, tables, block_size)
     batched = fused_decode_attention(q, pool, meta.decode_block_tables, meta.decode_seq_lens, head_dim**-0.5, path)
     nothing = torch.empty(0, kv_heads, head_dim).bfloat16()  # no new token: attend what the pools hold

@@ -8,8 +8,8 @@
 // models/kv_int8.py); int8 rows are widened and scaled to float32 as they are read.
 //
 // Three implementations of the same math, all accumulation in float32:
-// - AVX-512 (D a power of two, 16 to 256): one task per sequence (or per (sequence, KV head) when the
-//   batch is shorter than two sequences a thread), a single pass over the cache with an online
+// - AVX-512 (D a power of two, 16 to 256): one task per sequence (or per (sequence, slice of adjacent
+//   KV heads) when the batch is shorter than two sequences a thread), a single pass over the cache with an online
 //   softmax (flash-decoding style), 16 tokens at a time. Blocks are the outer loop and heads the
 //   inner one, so each block's rows are read as one contiguous stretch, and the next blocks are
 //   prefetched whole while the current one is scored, because blocks are scattered and hardware
@@ -129,14 +129,15 @@ static inline float row_scale(const int8_t* row, int64_t D) {
 
 constexpr int64_t kPrefetchBlocks = 2;  // blocks in flight ahead of the one being read (1: ~8% slower, 4: no better)
 
-// Prefetch levels as __builtin_prefetch's locality (GCC and Clang): 3 is prefetcht0, 2 prefetcht1.
-constexpr int kIntoL1 = 3, kIntoL2 = 2;
+// Prefetches go to L2 (prefetcht1, __builtin_prefetch's locality 2 in GCC and Clang): a block's
+// rows for every head overflow a 32 KB L1, and T0 read the cache from memory slower on a Zen 3
+// (AVX2) and ~30% slower on a Zen 4 (AVX-512, GPT-2's batch-1 shapes).
+constexpr int kIntoL2 = 2;
 
-template <int kLocality>
 static inline void prefetch_rows(const char* first, int64_t rows, int64_t stride, int64_t bytes) {
   for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(first + r * stride + b, 0, kLocality);
-    __builtin_prefetch(first + r * stride + bytes - 1, 0, kLocality);  // an unaligned span's last line
+    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(first + r * stride + b, 0, kIntoL2);
+    __builtin_prefetch(first + r * stride + bytes - 1, 0, kIntoL2);  // an unaligned span's last line
   }
 }
 
@@ -152,13 +153,15 @@ struct HeadStates {
 };
 
 // Work items of a decode batch: (sequence, slice of the KV heads); whole sequences when there
-// are at least two per thread, else one KV head each (a short batch still spreads over every
-// thread). fn(q, table, len, h0, h1, out, buf) serves KV heads [h0, h1) of one sequence.
+// are at least two per thread, else slices of adjacent KV heads, about two per thread (a short
+// batch still spreads over every thread, and each walk reads its heads' rows of a token as one
+// span: one head a walk read GPT-2's batch-1 cache at 60-70% of the speed, from memory).
+// fn(q, table, len, h0, h1, out, buf) serves KV heads [h0, h1) of one sequence.
 template <typename T, typename Fn>
 static void for_each_item(const T* q, const int64_t* tables, const int64_t* lens, int64_t S, int64_t MB, T* out,
                           const Shape& sh, Fn fn) {
   const int64_t threads = at::get_num_threads();
-  const int64_t slices = S >= 2 * threads ? 1 : sh.KVH;
+  const int64_t slices = S >= 2 * threads ? 1 : std::min<int64_t>(sh.KVH, (2 * threads + S - 1) / S);
   at::parallel_for(0, S * slices, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> buf;
     for (int64_t item = begin; item < end; ++item) {
@@ -172,10 +175,10 @@ static void for_each_item(const T* q, const int64_t* tables, const int64_t* lens
 
 // The walk over KV heads [h0, h1) of one sequence: blocks outside and heads inside, so a block's
 // rows (KVH heads side by side per token) are read as one contiguous stretch while they sit in
-// cache, and the next blocks are prefetched whole (to kLocality's level), because blocks are
+// cache, and the next blocks are prefetched whole into L2, because blocks are
 // scattered and hardware prefetchers stop at their edges. chunk(at, n, h) attends n <= 16 tokens
 // of KV head h, token 0 at pool offset `at`, consecutive tokens KVH * W elements apart.
-template <int kLocality, typename P, typename Chunk>
+template <typename P, typename Chunk>
 static inline void walk_blocks(const P* k_pool, const P* v_pool, const int64_t* table, int64_t len, int64_t h0, int64_t h1,
                                const Shape& sh, Chunk chunk) {
   const int64_t row = sh.KVH * sh.W;  // elements between consecutive tokens of a block
@@ -188,8 +191,8 @@ static inline void walk_blocks(const P* k_pool, const P* v_pool, const int64_t* 
       if (b + ahead >= num_blocks) break;
       const int64_t next = table[b + ahead] * sh.BS * row + h0 * sh.W;
       const int64_t rows = std::min(sh.BS, len - (b + ahead) * sh.BS);
-      prefetch_rows<kLocality>(reinterpret_cast<const char*>(k_pool + next), rows, row * sizeof(P), span_bytes);
-      prefetch_rows<kLocality>(reinterpret_cast<const char*>(v_pool + next), rows, row * sizeof(P), span_bytes);
+      prefetch_rows(reinterpret_cast<const char*>(k_pool + next), rows, row * sizeof(P), span_bytes);
+      prefetch_rows(reinterpret_cast<const char*>(v_pool + next), rows, row * sizeof(P), span_bytes);
     }
     for (int64_t h = h0; h < h1; ++h)
       for (int64_t c = 0; c < in_block; c += 16)
@@ -345,9 +348,7 @@ static inline void attend_chunk_avx2(const P* keys, const P* values, int64_t row
   }
 }
 
-// KV heads [h0, h1) of one sequence and the query heads that share them, over walk_blocks. The
-// prefetches go to L2 (T1): a block's rows for every head overflow a 32 KB L1, and T0 measured
-// slower on a Zen 3.
+// KV heads [h0, h1) of one sequence and the query heads that share them, over walk_blocks.
 template <typename T, typename P, int NP, bool kWiden>
 static void decode_heads_avx2(const T* q, const P* k_pool, const P* v_pool, const int64_t* table, int64_t len,
                               int64_t h0, int64_t h1, int64_t G, T* out, const Shape& sh, std::vector<float>& buf) {
@@ -362,7 +363,7 @@ static void decode_heads_avx2(const T* q, const P* k_pool, const P* v_pool, cons
     st.running_max[j] = -1e30f;
     st.running_sum[j] = 0.0f;
   }
-  walk_blocks<kIntoL2>(k_pool, v_pool, table, len, h0, h1, sh, [&](int64_t at, int n, int64_t h) {
+  walk_blocks(k_pool, v_pool, table, len, h0, h1, sh, [&](int64_t at, int n, int64_t h) {
     const int64_t j = (h - h0) * G;
     attend_chunk_avx2<P, NP, kWiden>(k_pool + at, v_pool + at, row, n, G, st.queries + j * D, st.accs + j * D,
                                      st.running_max + j, st.running_sum + j);
@@ -497,9 +498,8 @@ static inline void attend_chunk(const P* keys, const P* values, int64_t row, int
   }
 }
 
-// KV heads [h0, h1) of one sequence and the query heads that share them, over walk_blocks
-// (prefetching into L1). NV = D / 16 float32 vectors per head row. Decode attention is bound by
-// reading the cache.
+// KV heads [h0, h1) of one sequence and the query heads that share them, over walk_blocks.
+// NV = D / 16 float32 vectors per head row. Decode attention is bound by reading the cache.
 template <typename T, typename P, int NV, bool kWiden>
 static void decode_heads_avx512(const T* q, const P* k_pool, const P* v_pool, const int64_t* table, int64_t len,
                                 int64_t h0, int64_t h1, int64_t G, T* out, const Shape& sh, std::vector<float>& buf) {
@@ -515,7 +515,7 @@ static void decode_heads_avx512(const T* q, const P* k_pool, const P* v_pool, co
     st.running_max[j] = -1e30f;
     st.running_sum[j] = 0.0f;
   }
-  walk_blocks<kIntoL1>(k_pool, v_pool, table, len, h0, h1, sh, [&](int64_t at, int n, int64_t h) {
+  walk_blocks(k_pool, v_pool, table, len, h0, h1, sh, [&](int64_t at, int n, int64_t h) {
     const int64_t j = (h - h0) * G;
     attend_chunk<P, NV, kWiden>(k_pool + at, v_pool + at, row, n, G, st.queries + j * D, st.accs + j * D,
                                 st.running_max + j, st.running_sum + j);
