@@ -8,13 +8,14 @@
 // models/kv_int8.py); int8 rows are widened and scaled to float32 as they are read.
 //
 // Three implementations of the same math, all accumulation in float32:
-// - AVX-512 (D a power of two, 16 to 256): one task per sequence (or per (sequence, slice of adjacent
-//   KV heads) when the batch is shorter than two sequences a thread), a single pass over the cache with an online
-//   softmax (flash-decoding style), 16 tokens at a time. Blocks are the outer loop and heads the
-//   inner one, so each block's rows are read as one contiguous stretch, and the next blocks are
-//   prefetched whole while the current one is scored, because blocks are scattered and hardware
-//   prefetchers stop at block edges. Decode attention is bound by reading the cache, so that is
-//   what it optimizes. A store kernel quantizes new rows into an int8 pool.
+// - AVX-512 (D a power of two, 16 to 256): one task per sequence (or per (sequence, slice of
+//   adjacent KV heads) when the batch is shorter than two sequences a thread), a single pass over
+//   the cache with an online softmax (flash-decoding style), 16 tokens at a time. Blocks are the
+//   outer loop and heads the inner one, so each block's rows are read as one contiguous stretch,
+//   and the blocks ahead are prefetched into L2, a head at a time while the current one is scored,
+//   because blocks are scattered and hardware prefetchers stop at block edges. Decode attention is
+//   bound by reading the cache, so that is what it optimizes. A store kernel quantizes new rows
+//   into an int8 pool.
 // - AVX2 + FMA (D a power of two, 16 to 256), for CPUs without AVX-512: the same walk and online
 //   softmax, 16 tokens at a time on 8-lane vectors.
 // - Portable: one task per sequence, three passes (scores, softmax, weighted values).
