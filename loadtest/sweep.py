@@ -70,17 +70,24 @@ def parse_levels(text: str) -> list[int]:
 
 def read_counters(url: str) -> dict[str, float] | None:
     """The server counters a level reports, each summed over its labels: generated tokens, and
-    speculative draft/accepted tokens. None when the server has no readable Prometheus /metrics
-    (a peer such as llama-server started without `--metrics` answers 501 with a JSON error)."""
+    speculative draft/accepted tokens. None, with a warning, when /metrics has no nanoserve
+    generation counter: unreachable, an error status (llama-server without `--metrics` answers
+    501 with a JSON error), text that is not Prometheus', or another server's metrics."""
     try:
         response = httpx.get(url + "/metrics", timeout=10)
         response.raise_for_status()
         totals = dict.fromkeys(SERVER_COUNTERS, 0.0)
+        seen = set()
         for family in text_string_to_metric_families(response.text):
             for sample in family.samples:
                 if sample.name in totals:
                     totals[sample.name] += sample.value
-    except (httpx.HTTPError, ValueError):  # unreachable, an error status, or not Prometheus text
+                    seen.add(sample.name)
+    except (httpx.HTTPError, ValueError) as error:
+        print(f"warning: no server counters from {url}/metrics: {str(error).splitlines()[0][:200]}", file=sys.stderr)
+        return None
+    if GENERATION_COUNTER not in seen:
+        print(f"warning: {url}/metrics has no {GENERATION_COUNTER}: not a nanoserve server", file=sys.stderr)
         return None
     return totals
 

@@ -103,13 +103,13 @@ def test_cache_free_path_is_causal_per_sequence():
 
 @pytest.mark.skipif(not can_build(), reason="no compiler or ninja here: the fused kernel cannot build")
 @pytest.mark.parametrize("pool_dtype", [torch.bfloat16, torch.int8])
-@pytest.mark.parametrize("kv_heads, q_heads", [(KVH, H), (H, H), (12, 12)])
+@pytest.mark.parametrize("kv_heads, q_heads", [(KVH, H), (H, H), (12, 12), (6, 12)])
 @pytest.mark.parametrize("path", DECODE_PATHS)
 def test_the_decode_kernel_does_not_depend_on_the_batch_or_the_threads(pool_dtype, kv_heads, q_heads, path):
     """Long and short sequences match the PyTorch path, and each sequence's output is bit for
-    bit the same alone (split over the threads into slices of adjacent KV heads: one head each
-    up to 4 heads, three each at 12), in a batch (one task per sequence), and on one thread:
-    greedy output must not depend on what else runs."""
+    bit the same alone (min(KVH, 2 x threads) slices of adjacent KV heads: on 2 threads three
+    heads a slice at 12, uneven 1-2-1-2 slices of GQA pairs at 6), in a batch (whole sequences on
+    up to 3 threads), and on one thread: greedy output must not depend on what else runs."""
     from models.fused_attention import fused_decode_attention
 
     decode_path_or_skip(path)
@@ -200,7 +200,7 @@ def test_the_step_metadata_maps_each_new_token_to_its_slot(query_lens, seq_lens)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kv_heads", [KVH, H])
 @pytest.mark.parametrize("head_dim,block_size", [(D, BS), (16, 16), (32, 8), (64, 16), (128, 4), (48, 16)])
-@pytest.mark.parametrize("num_seqs", [1, 12])  # split by KV head over the threads / one task per sequence
+@pytest.mark.parametrize("num_seqs", [1, 12])  # slices of adjacent KV heads over the threads / one task per sequence
 @pytest.mark.parametrize("path", DECODE_PATHS)
 def test_fused_decode_kernel_matches_torch_path(dtype, kv_heads, head_dim, block_size, num_seqs, path):
     """Each path of the optional C++ decode kernel against the gather + SDPA reference path.

@@ -123,8 +123,8 @@ def test_mixed_batch_over_an_int8_pool_is_dense_attention_over_the_dequantized_c
 def test_fused_decode_kernel_reads_int8_rows_like_the_torch_path(dtype, kv_heads, head_dim, block_size, num_seqs, path):
     """Each path of the C++ kernel scales int8 rows in registers (AVX-512 and AVX2 for head dims
     16-256 in powers of 2, the portable path for 8, 48 and the rest); the PyTorch path
-    dequantizes what it gathered. One sequence is split by KV head over the threads, ten are one
-    task each; block size 16 takes the 16-score tree on full chunks (two 8-score ones on AVX2)."""
+    dequantizes what it gathered. One sequence is split into slices of adjacent KV heads over the
+    threads, ten are one task each; block size 16 takes the 16-score tree on full chunks (two 8-score ones on AVX2)."""
     from models.fused_attention import fused_decode_attention
 
     decode_path_or_skip(path)

@@ -171,10 +171,14 @@ def test_nanoserve_loadtest_subcommand_takes_the_sweep_flags(capsys):
 @pytest.mark.parametrize("status, body", [
     (501, b'{"error":{"code":501,"message":"This server does not support metrics endpoint. Start it with `--metrics`"}}'),
     (200, b'{"error": "not prometheus text"}'),
+    (200, b""),
+    (200, b"# HELP llamacpp:tokens_predicted_total Number of generation tokens processed.\n"
+          b"# TYPE llamacpp:tokens_predicted_total counter\nllamacpp:tokens_predicted_total 2176\n"),
 ])
-def test_a_peer_without_prometheus_metrics_reports_no_counters(status, body):
-    """llama-server without --metrics answers /metrics with a JSON error: the sweep goes on
-    without server counters instead of dying in the Prometheus parser."""
+def test_a_peer_without_nanoserve_metrics_reports_no_counters(status, body, capsys):
+    """llama-server without --metrics answers /metrics with a JSON error, and with it its own
+    counters: the sweep goes on without server counters (a warning says why) instead of dying in
+    the Prometheus parser or reporting a server rate of zero."""
     import http.server
     import threading
 
@@ -193,6 +197,7 @@ def test_a_peer_without_prometheus_metrics_reports_no_counters(status, body):
     threading.Thread(target=peer.serve_forever, daemon=True).start()
     try:
         assert sweep.read_counters(f"http://127.0.0.1:{peer.server_address[1]}") is None
+        assert "warning: " in capsys.readouterr().err
     finally:
         peer.shutdown()
         peer.server_close()
