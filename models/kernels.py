@@ -16,8 +16,9 @@ model afterwards, so the model a learner reads in models/gpt2.py is the model th
                                          step), SDPA prefill chunks
     RMSNorm     float32 composition      C++ kernel (rms_norm.cpp)              reference
     rotary      float32 composition      C++ kernel (elementwise.cpp)           reference
-    SiLU * up   F.silu(gate) * up        C++ kernel (elementwise.cpp)           reference
-                (GatedMLP; the routed experts of models/moe.py keep the composition)
+    SiLU * up   F.silu(gate) * up        reference (a C++ kernel, not bit-equal  reference
+                                         to ATen's Sleef exp, moved a greedy
+                                         answer; see elementwise.cpp)
 
 Weight-only quantization (--quantization) hands linears to models/quantized_linear.py before
 this binding, on every device (its C++ kernels run on CPU, its PyTorch path elsewhere). An int8
@@ -110,8 +111,7 @@ def _cpu_kernels(head_dim: int) -> Kernels:
     rms_norm = rms_norm_reference if norm is None else partial(_rms_norm_cpu, norm.rms_norm)
     elementwise = elementwise_kernel()
     rotary = apply_rotary if elementwise is None else partial(_rotary_cpu, elementwise.rotary)
-    silu_and_mul = silu_and_mul_reference if elementwise is None else partial(_silu_and_mul_cpu, elementwise.silu_and_mul)
-    return Kernels("cpu", attention, rms_norm, rotary, silu_and_mul, True, describe_decode_path(head_dim))
+    return Kernels("cpu", attention, rms_norm, rotary, silu_and_mul_reference, True, describe_decode_path(head_dim))
 
 
 def _rms_norm_cpu(kernel: Callable, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -129,13 +129,6 @@ def _rotary_cpu(kernel: Callable, x: torch.Tensor, cos: torch.Tensor, signed_sin
             and cos.is_contiguous() and signed_sin.is_contiguous():
         return kernel(x, cos, signed_sin)
     return apply_rotary(x, cos, signed_sin)
-
-
-def _silu_and_mul_cpu(kernel: Callable, gate_up: torch.Tensor) -> torch.Tensor:
-    """The C++ SiLU-and-multiply for (N, 2F) rows of unit stride (one op instead of five)."""
-    if gate_up.dim() == 2 and gate_up.stride(-1) == 1 and gate_up.dtype in _KERNEL_DTYPES:
-        return kernel(gate_up)
-    return silu_and_mul_reference(gate_up)
 
 
 def triton_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache, meta, scale: float) -> torch.Tensor:

@@ -106,7 +106,7 @@ def silu_and_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def elementwise_kernel():
-    """models/csrc/elementwise.cpp (rotary, SiLU-and-multiply), or None where it cannot be built."""
+    """models/csrc/elementwise.cpp (the rotary), or None where it cannot be built."""
     return load_kernel("nanoserve_elementwise", "elementwise.cpp")
 
 
