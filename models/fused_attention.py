@@ -35,7 +35,7 @@ def fused_decode_attention(q: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.
     """q (S, H, D) against each sequence's cached keys/values -> (S, H, D). `path` names one of
     the kernel's `paths()` (it falls back to the next where the head dim has none)."""
     k_pool, v_pool = kv_cache
-    return decode_kernel().paged_decode_attention(q.contiguous(), k_pool, v_pool, block_tables, seq_lens, scale, path)
+    return decode_kernel().paged_decode_attention(q, k_pool, v_pool, block_tables, seq_lens, scale, path)
 
 
 def fused_decode_rows(q: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor], meta, scale: float) -> torch.Tensor:

@@ -109,7 +109,8 @@ def test_the_decode_kernel_does_not_depend_on_the_batch_or_the_threads(pool_dtyp
     """Long and short sequences match the PyTorch path, and each sequence's output is bit for
     bit the same alone (min(KVH, 2 x threads) slices of adjacent KV heads: on 2 threads three
     heads a slice at 12, uneven 1-2-1-2 slices of GQA pairs at 6), in a batch (whole sequences on
-    up to 3 threads), and on one thread: greedy output must not depend on what else runs."""
+    up to 3 threads), and on one thread: greedy output must not depend on what else runs. Queries
+    read in place out of a fused QKV output give the same bits as a packed copy."""
     from models.fused_attention import fused_decode_attention
 
     decode_path_or_skip(path)
@@ -127,6 +128,11 @@ def test_the_decode_kernel_does_not_depend_on_the_batch_or_the_threads(pool_dtyp
     nothing = torch.empty(0, kv_heads, head_dim).bfloat16()  # no new token: attend what the pools hold
     reference = paged_attention(q, nothing, nothing, pool, _without_store(meta), head_dim**-0.5)
     torch.testing.assert_close(batched, reference, atol=2e-2, rtol=2e-2)
+    fused_qkv = torch.cat([q, torch.randn(len(lens), 2 * kv_heads, head_dim, generator=gen).bfloat16()], dim=1)
+    in_place = fused_qkv[:, :q_heads]  # q as a view of a fused QKV output: rows (q_heads + 2 KVH) D apart
+    assert not in_place.is_contiguous()
+    assert torch.equal(fused_decode_attention(in_place, pool, meta.decode_block_tables, meta.decode_seq_lens,
+                                              head_dim**-0.5, path), batched)
     threads = torch.get_num_threads()
     try:
         for num_threads in sorted({1, threads}):

@@ -2,6 +2,7 @@
 // the block pool through the block table, no gather.
 //
 //   q (S, H, D)   k_pool, v_pool (NB, BS, KVH, W)   block_tables (S, MB)   seq_lens (S,)
+//   q's heads are packed; its rows may sit apart (read in place out of a fused QKV output)
 //   token p of sequence s lives at k_pool[block_tables[s][p / BS]][p % BS][:][:]
 //
 // A pool has q's dtype (W = D), or is int8 (W = D + 4: D values, then the row's float32 scale,
@@ -47,7 +48,8 @@ inline void to_float<c10::BFloat16>(const c10::BFloat16* __restrict__ src, float
 struct Shape {
   int64_t H, KVH, D, BS;
   float scale;
-  int64_t W;  // pool elements per (token, KV head) row: D, or D + 4 for int8 rows
+  int64_t W;      // pool elements per (token, KV head) row: D, or D + 4 for int8 rows
+  int64_t q_row;  // elements between two sequences' queries: H * D, or more in a fused QKV output
 };
 
 // One token's rows for every KV head (KVH, W) -> float32 (KVH, D).
@@ -171,7 +173,7 @@ static void for_each_item(const T* q, const int64_t* tables, const int64_t* lens
       const int64_t s = item / slices, slice = item % slices;
       TORCH_CHECK(lens[s] >= 1 && lens[s] <= MB * sh.BS, "sequence length outside its block table");
       const int64_t h0 = slice * sh.KVH / slices, h1 = (slice + 1) * sh.KVH / slices;
-      fn(q + s * sh.H * sh.D, tables + s * MB, lens[s], h0, h1, out + s * sh.H * sh.D, buf);
+      fn(q + s * sh.q_row, tables + s * MB, lens[s], h0, h1, out + s * sh.H * sh.D, buf);
     }
   });
 }
@@ -606,26 +608,35 @@ static void decode_all(const T* qp, const P* kp, const P* vp, const int64_t* tp,
     std::vector<float> buf;
     for (int64_t s = begin; s < end; ++s) {
       TORCH_CHECK(lp[s] >= 1 && lp[s] <= MB * sh.BS, "sequence length outside its block table");
-      decode_sequence<T, P>(qp + s * sh.H * sh.D, kp, vp, tp + s * MB, lp[s], op + s * sh.H * sh.D, sh, buf);
+      decode_sequence<T, P>(qp + s * sh.q_row, kp, vp, tp + s * MB, lp[s], op + s * sh.H * sh.D, sh, buf);
     }
   });
+}
+
+// A (N, heads, D) tensor whose rows may sit apart (a view of a fused QKV projection's output)
+// but whose heads and values are packed, as the store and the walk read them; else a packed copy.
+static torch::Tensor packed_rows(const torch::Tensor& x) {
+  return x.dim() == 3 && x.stride(2) == 1 && x.stride(1) == x.size(2) ? x : x.contiguous();
 }
 
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_pool, torch::Tensor v_pool,
                                      torch::Tensor block_tables, torch::Tensor seq_lens, double scale,
                                      const std::string& path) {
   const Path start = parse_path(path);
-  TORCH_CHECK(q.is_contiguous() && k_pool.is_contiguous() && v_pool.is_contiguous(), "contiguous inputs required");
+  TORCH_CHECK(k_pool.is_contiguous() && v_pool.is_contiguous(), "contiguous pools required");
+  TORCH_CHECK(q.dim() == 3, "q must be (S, H, D)");
+  q = packed_rows(q);  // a view of the fused QKV output is read in place (its heads are packed)
   TORCH_CHECK(block_tables.scalar_type() == torch::kInt64 && seq_lens.scalar_type() == torch::kInt64, "int64 tables");
   const bool int8_pool = k_pool.scalar_type() == torch::kChar;
   TORCH_CHECK(k_pool.scalar_type() == v_pool.scalar_type() && (int8_pool || q.scalar_type() == k_pool.scalar_type()),
               "pools must have q's dtype or be int8");
   const int64_t S = q.size(0), MB = block_tables.size(1);
-  const Shape sh{q.size(1), k_pool.size(2), q.size(2), k_pool.size(1), static_cast<float>(scale), k_pool.size(3)};
+  const Shape sh{q.size(1), k_pool.size(2), q.size(2), k_pool.size(1), static_cast<float>(scale), k_pool.size(3),
+                 q.stride(0)};
   TORCH_CHECK(sh.H % sh.KVH == 0 && sh.W == sh.D + (int8_pool ? 4 : 0), "shape mismatch");
   auto tables = block_tables.contiguous();
   auto lens = seq_lens.contiguous();
-  auto out = torch::empty_like(q);
+  auto out = torch::empty({S, sh.H, sh.D}, q.options());  // (S, H, D) packed
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode_attention", [&] {
     const int64_t* tp = tables.data_ptr<int64_t>();
     const int64_t* lp = lens.data_ptr<int64_t>();
@@ -665,12 +676,6 @@ static void store_int8_rows(const T* rows, int64_t row_stride, const int64_t* sl
       std::memcpy(dst + D, &scale, sizeof(float));
     }
   });
-}
-
-// A (N, KVH, D) tensor whose rows may sit apart (a view of a fused QKV projection's output)
-// but whose heads and values are packed, as the store reads them; else a packed copy.
-static torch::Tensor packed_rows(const torch::Tensor& x) {
-  return x.dim() == 3 && x.stride(2) == 1 && x.stride(1) == x.size(2) ? x : x.contiguous();
 }
 
 // One pool's new rows (token n's at rows + n * stride(0)): copied as they are into a pool of
@@ -720,7 +725,7 @@ torch::Tensor store_and_decode(torch::Tensor q, torch::Tensor k, torch::Tensor v
                                torch::Tensor v_pool, torch::Tensor slot_mapping, torch::Tensor block_tables,
                                torch::Tensor seq_lens, double scale) {
   store_kv(k_pool, v_pool, slot_mapping, k, v);
-  return paged_decode_attention(q.contiguous(), k_pool, v_pool, block_tables, seq_lens, scale, "best");
+  return paged_decode_attention(q, k_pool, v_pool, block_tables, seq_lens, scale, "best");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
