@@ -38,8 +38,7 @@ import torch.nn as nn
 from models.attention import PagedAttention, paged_attention
 from models.fast_linear import pack_linear_layers
 from models.fused_attention import cpu_paged_attention, decode_kernel, describe_decode_path
-from models.layers import (GatedMLP, RMSNorm, RotaryEmbedding, apply_rotary, elementwise_kernel, rms_norm_kernel,
-                           rms_norm_reference, silu_and_mul_reference)
+from models.layers import RMSNorm, RotaryEmbedding, apply_rotary, elementwise_kernel, rms_norm_kernel, rms_norm_reference
 
 BACKENDS = ("reference", "cpu", "triton")
 
@@ -51,7 +50,6 @@ class Kernels:
     attention: Callable        # paged_attention's signature: (q, k, v, kv_cache, meta, scale) -> (N, H, D)
     rms_norm: Callable         # (x, weight, eps) -> x's shape and dtype
     rotary: Callable           # (x (N, heads, D), cos, signed_sin) -> rotated x
-    silu_and_mul: Callable     # (N, 2F) -> (N, F)
     pack_linears: bool         # hand bf16 linears to packed kernels: oneDNN's or the AVX2 one (CPU only)
     description: str           # what attention runs, for the load log
 
@@ -70,10 +68,9 @@ def select_kernels(device: torch.device, fast_kernels: bool, kv_dtype: torch.dty
     if backend == "triton":
         why = triton_unsupported(kv_dtype, block_size)
         if why is None:
-            return Kernels("triton", triton_paged_attention, rms_norm_reference, apply_rotary, silu_and_mul_reference,
-                           False, "one Triton kernel for the mixed batch (models/triton_attention.py)")
-    return Kernels("reference", paged_attention, rms_norm_reference, apply_rotary, silu_and_mul_reference, False,
-                   f"PyTorch gather + SDPA ({why})")
+            return Kernels("triton", triton_paged_attention, rms_norm_reference, apply_rotary, False,
+                           "one Triton kernel for the mixed batch (models/triton_attention.py)")
+    return Kernels("reference", paged_attention, rms_norm_reference, apply_rotary, False, f"PyTorch gather + SDPA ({why})")
 
 
 def triton_unsupported(kv_dtype: torch.dtype, block_size: int) -> str | None:
@@ -97,8 +94,6 @@ def bind_kernels(model: nn.Module, kernels: Kernels) -> None:
             module.norm = kernels.rms_norm
         elif isinstance(module, RotaryEmbedding):
             module.rotate = kernels.rotary
-        elif isinstance(module, GatedMLP):
-            module.silu_and_mul = kernels.silu_and_mul
     if kernels.pack_linears:
         pack_linear_layers(model)
 
@@ -111,7 +106,7 @@ def _cpu_kernels(head_dim: int) -> Kernels:
     rms_norm = rms_norm_reference if norm is None else partial(_rms_norm_cpu, norm.rms_norm)
     elementwise = elementwise_kernel()
     rotary = apply_rotary if elementwise is None else partial(_rotary_cpu, elementwise.rotary)
-    return Kernels("cpu", attention, rms_norm, rotary, silu_and_mul_reference, True, describe_decode_path(head_dim))
+    return Kernels("cpu", attention, rms_norm, rotary, True, describe_decode_path(head_dim))
 
 
 def _rms_norm_cpu(kernel: Callable, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Layers shared by the model families: linear and embedding layers whose kernel the load picks,
 RMSNorm, rotary position embedding, gated MLP, the pre-norm decoder block. Where the load binds a
-kernel (RMSNorm's `norm`, the rotary's `rotate`, the MLP's `silu_and_mul`), the default is the
-PyTorch composition written here, which the kernels are tested against.
+kernel (RMSNorm's `norm`, the rotary's `rotate`), the default is the PyTorch composition written
+here, which the kernels are tested against.
 
 Legend: N tokens in the packed batch, C channels, H heads, D head dim.
 """
@@ -99,22 +99,15 @@ def rms_norm_kernel():
     return load_kernel("nanoserve_rms_norm", "rms_norm.cpp")
 
 
-def silu_and_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
-    """SwiGLU's activation, the PyTorch composition: (..., 2F) -> silu(gate) * up (..., F)."""
-    gate, up = gate_up.chunk(2, dim=-1)  # 2 x (..., F)
-    return F.silu(gate) * up
-
-
 def elementwise_kernel():
     """models/csrc/elementwise.cpp (the rotary), or None where it cannot be built."""
     return load_kernel("nanoserve_elementwise", "elementwise.cpp")
 
 
 class GatedMLP(nn.Module):
-    """SwiGLU MLP with the gate and up projections fused into one matmul. Which implementation
-    of the activation runs is the load's choice (models/kernels.py binds `silu_and_mul`)."""
-
-    silu_and_mul: Callable = staticmethod(silu_and_mul_reference)  # (N, 2F) -> (N, F)
+    """SwiGLU MLP with the gate and up projections fused into one matmul. The activation is ATen's
+    on every backend: a C++ SiLU-and-multiply rounded differently from ATen's `silu` and moved the
+    default model's first greedy token (README, "The ops between the matmuls")."""
 
     def __init__(self, dim: int, hidden_dim: int, bias: bool = False):
         super().__init__()
@@ -122,7 +115,8 @@ class GatedMLP(nn.Module):
         self.down_proj = Linear(hidden_dim, dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.silu_and_mul(self.gate_up_proj(x)))  # (N, 2F) -> (N, F) -> (N, C)
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (N, C) -> 2 x (N, F)
+        return self.down_proj(F.silu(gate) * up)  # (N, F) -> (N, C)
 
 
 class PreNormBlock(nn.Module):
