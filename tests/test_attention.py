@@ -146,6 +146,26 @@ def test_the_decode_kernel_does_not_depend_on_the_batch_or_the_threads(pool_dtyp
         torch.set_num_threads(threads)
 
 
+@pytest.mark.skipif(not can_build(), reason="no compiler or ninja here: the fused kernel cannot build")
+@pytest.mark.parametrize("path", DECODE_PATHS)
+def test_the_decode_kernel_takes_an_empty_batch_and_refuses_tables_of_another_batch(path):
+    """No sequence: an empty (0, H, D) output (the SIMD paths' work split divided by S and killed
+    the process with SIGFPE). Tables or lengths for another number of sequences: an error, not a
+    read past their end."""
+    from models.fused_attention import fused_decode_attention
+
+    decode_path_or_skip(path)
+    pool = tuple(torch.randn(4, BS, KVH, 64).bfloat16() for _ in range(2))
+    empty = fused_decode_attention(torch.randn(0, H, 64).bfloat16(), pool, torch.zeros(0, 1, dtype=torch.int64),
+                                   torch.zeros(0, dtype=torch.int64), 0.125, path)
+    assert empty.shape == (0, H, 64)
+    q = torch.randn(2, H, 64).bfloat16()
+    with pytest.raises(RuntimeError, match="block_tables"):
+        fused_decode_attention(q, pool, torch.zeros(1, 1, dtype=torch.int64), torch.ones(2, dtype=torch.int64), 0.125, path)
+    with pytest.raises(RuntimeError, match="seq_lens"):
+        fused_decode_attention(q, pool, torch.zeros(2, 1, dtype=torch.int64), torch.ones(3, dtype=torch.int64), 0.125, path)
+
+
 def _without_store(meta):
     """meta for attending what the pools hold, writing nothing (no slot for a new token)."""
     meta.slot_mapping = meta.slot_mapping[:0]

@@ -625,18 +625,23 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_pool, torc
   const Path start = parse_path(path);
   TORCH_CHECK(k_pool.is_contiguous() && v_pool.is_contiguous(), "contiguous pools required");
   TORCH_CHECK(q.dim() == 3, "q must be (S, H, D)");
+  TORCH_CHECK(q.is_cpu() && k_pool.is_cpu() && v_pool.is_cpu() && block_tables.is_cpu() && seq_lens.is_cpu(),
+              "CPU tensors only");
   q = packed_rows(q);  // a view of the fused QKV output is read in place (its heads are packed)
   TORCH_CHECK(block_tables.scalar_type() == torch::kInt64 && seq_lens.scalar_type() == torch::kInt64, "int64 tables");
   const bool int8_pool = k_pool.scalar_type() == torch::kChar;
   TORCH_CHECK(k_pool.scalar_type() == v_pool.scalar_type() && (int8_pool || q.scalar_type() == k_pool.scalar_type()),
               "pools must have q's dtype or be int8");
   const int64_t S = q.size(0), MB = block_tables.size(1);
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == S && seq_lens.dim() == 1 && seq_lens.size(0) == S,
+              "block_tables (S, MB) and seq_lens (S,) for q's S sequences");
   const Shape sh{q.size(1), k_pool.size(2), q.size(2), k_pool.size(1), static_cast<float>(scale), k_pool.size(3),
                  q.stride(0)};
   TORCH_CHECK(sh.H % sh.KVH == 0 && sh.W == sh.D + (int8_pool ? 4 : 0), "shape mismatch");
   auto tables = block_tables.contiguous();
   auto lens = seq_lens.contiguous();
   auto out = torch::empty({S, sh.H, sh.D}, q.options());  // (S, H, D) packed
+  if (S == 0) return out;  // nothing to attend (the work split divides by S)
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode_attention", [&] {
     const int64_t* tp = tables.data_ptr<int64_t>();
     const int64_t* lp = lens.data_ptr<int64_t>();
