@@ -1,7 +1,7 @@
 """The kernel seam: the device-dependent ops a model calls, and which implementation runs each.
 
-Model files call `Linear`, `RMSNorm`, `PagedAttention` (KV store + attention), the step's
-rotary tables (`rope(x)`) and `GatedMLP`'s activation the same way on every device. The engine picks one `Kernels` at load (`select_kernels`, in the
+Model files call `Linear`, `RMSNorm`, `PagedAttention` (KV store + attention) and the step's
+rotary tables (`rope(x)`) the same way on every device. The engine picks one `Kernels` at load (`select_kernels`, in the
 model runner) and `bind_kernels` hands the choice to those layers; nothing is swapped out of the
 model afterwards, so the model a learner reads in models/gpt2.py is the model that runs.
 
@@ -16,9 +16,9 @@ model afterwards, so the model a learner reads in models/gpt2.py is the model th
                                          step), SDPA prefill chunks
     RMSNorm     float32 composition      C++ kernel (rms_norm.cpp)              reference
     rotary      float32 composition      C++ kernel (elementwise.cpp)           reference
-    SiLU * up   F.silu(gate) * up        reference (a C++ kernel, not bit-equal  reference
-                                         to ATen's Sleef exp, moved a greedy
-                                         answer; see elementwise.cpp)
+
+SwiGLU's SiLU-and-multiply is not part of the seam: `GatedMLP.forward` runs ATen's on every
+device (a C++ kernel, not bit-equal to ATen's Sleef exp, moved a greedy answer; elementwise.cpp).
 
 Weight-only quantization (--quantization) hands linears to models/quantized_linear.py before
 this binding, on every device (its C++ kernels run on CPU, its PyTorch path elsewhere). An int8
