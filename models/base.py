@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from models.attention import AttentionMetadata, KVCache, build_attention_metadata
 from models.kv_int8 import row_width
-from models.layers import Embedding, Linear, PreNormBlock, RMSNorm, RotaryEmbedding
+from models.layers import Embedding, Linear, LMHead, PreNormBlock, RMSNorm, RotaryEmbedding
 from models.parallel import VocabParallel
 
 
@@ -126,7 +126,7 @@ class RotaryDecoderLM(CausalLM):
             norm=RMSNorm(config.hidden_size, config.rms_norm_eps),
         ))
         self.rotary = RotaryEmbedding(rope_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = LMHead(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.vocab_parallel = VocabParallel()  # tensor parallel: each rank holds a slice of V
@@ -147,5 +147,5 @@ class RotaryDecoderLM(CausalLM):
         return self.model.norm(x)  # (N, C)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.vocab_parallel.gather_logits(self.lm_head(hidden))  # (M, C) -> (M, V)
+        return self.vocab_parallel.gather_logits(self.lm_head(hidden))  # (M, C) -> (M, V) float32
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from models.attention import AttentionMetadata, PagedAttention
 from models.base import CausalLM, KVCacheSpec
-from models.layers import Embedding, Linear
+from models.layers import Embedding, Linear, LMHead
 from models.parallel import AllReduce, VocabParallel
 
 
@@ -103,7 +103,7 @@ class GPT2(CausalLM):
             h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
             ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias),
         ))
-        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = LMHead(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied
         self.vocab_parallel = VocabParallel()  # tensor parallel: each rank holds a slice of V
 
@@ -126,4 +126,4 @@ class GPT2(CausalLM):
         return self.transformer.ln_f(x)  # (N, C)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.vocab_parallel.gather_logits(self.lm_head(hidden))  # (M, C) -> (M, V)
+        return self.vocab_parallel.gather_logits(self.lm_head(hidden))  # (M, C) -> (M, V) float32

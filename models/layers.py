@@ -30,6 +30,7 @@ class Linear(nn.Linear):
         self.kernel: nn.Module | None = None
         self._run_kernel = None  # kernel.forward, a plain attribute: the hot path skips two module lookups
         self._run_kernel_gelu_tanh = None  # kernel.forward_gelu_tanh where the kernel fuses it
+        self._run_kernel_float32 = None  # kernel.forward_float32 where the kernel writes float32 (LMHead)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._run_kernel is None:
@@ -45,8 +46,21 @@ class Linear(nn.Linear):
         """Run through `kernel` from now on; it copied the weight (and holds the bias) already."""
         self.kernel, self._run_kernel = kernel, kernel.forward
         self._run_kernel_gelu_tanh = getattr(kernel, "forward_gelu_tanh", None)
+        self._run_kernel_float32 = getattr(kernel, "forward_float32", None)
         self.weight = None  # freed once nothing else (a tied embedding) holds it
         self.bias = None
+
+
+class LMHead(Linear):
+    """The LM head: a Linear whose logits come out in float32. bf16 keeps 8 bits of mantissa,
+    so logits between 16 and 32 sit 0.125 apart: close candidates would tie and greedy would
+    pick the lower id. A module of its own, so forward hooks (`nanoserve trace`) see the logits."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(M, C) -> (M, V) float32: the kernel's float32 sums, never rounded to bf16, where it can
+        write them; else the output widened (the reference path, CUDA)."""
+        unrounded = self._run_kernel_float32
+        return unrounded(x) if unrounded is not None else super().forward(x).float()
 
 
 class Embedding(nn.Embedding):

@@ -55,6 +55,13 @@ class QuantizedLinear(nn.Module, ABC):
         """gelu(linear(x), approximate="tanh"), applied before rounding where the kernel runs."""
         return self._linear(x, gelu_tanh=True)
 
+    def forward_float32(self, x: torch.Tensor) -> torch.Tensor:
+        """linear(x) (M, K) as float32 (an LM head's logits): the kernel's sums not rounded to
+        bf16, or the reference in float32 from the dequantized weight."""
+        if self.kernel is not None and x.dtype == torch.bfloat16:
+            return self._run_kernel(x, 0, float_output=True)
+        return F.linear(x.float(), self.dequantize(), self.bias)
+
     def _linear(self, x: torch.Tensor, gelu_tanh: bool) -> torch.Tensor:
         if x.dim() != 2:  # the engine's activations are (M, K) already: no reshapes on its path
             y = self._linear(x.reshape(-1, self.in_features), gelu_tanh)
@@ -73,10 +80,11 @@ class QuantizedLinear(nn.Module, ABC):
         """The weight (or its rows `rows`) in fp32: (N or T, K)."""
 
     @abstractmethod
-    def _run_kernel(self, rows: torch.Tensor, activation: int) -> torch.Tensor:
-        """The C++ kernel on bf16 rows (M, K) -> (M, N), activation code fused. Implementations
-        read their tensors from `self._parameters`: a Module attribute lookup of a parameter
-        costs about a microsecond, and a batch-1 step of a 30-layer model makes ~500 of them."""
+    def _run_kernel(self, rows: torch.Tensor, activation: int, float_output: bool = False) -> torch.Tensor:
+        """The C++ kernel on bf16 rows (M, K) -> (M, N), bf16 (float32 with float_output), the
+        activation code fused. Implementations read their tensors from `self._parameters`: a
+        Module attribute lookup of a parameter costs about a microsecond, and a batch-1 step of a
+        30-layer model makes ~500 of them."""
 
 
 class QuantizedEmbedding(nn.Module):
@@ -161,9 +169,9 @@ class Int8Linear(QuantizedLinear):
         y = F.linear(x, self.int8_weight().to(x.dtype)).float() * self.scale  # (M, N)
         return (y if self.bias is None else y + self.bias).to(x.dtype)
 
-    def _run_kernel(self, rows: torch.Tensor, activation: int) -> torch.Tensor:
+    def _run_kernel(self, rows: torch.Tensor, activation: int, float_output: bool = False) -> torch.Tensor:
         p = self._parameters
-        return self.kernel(rows, p["qweight"], p["scale"], p.get("bias"), self.out_features, activation)
+        return self.kernel(rows, p["qweight"], p["scale"], p.get("bias"), self.out_features, activation, float_output)
 
 
 def unblock_int8(qweight: torch.Tensor, n: int, k: int) -> torch.Tensor:
@@ -225,9 +233,10 @@ class Int8GroupLinear(QuantizedLinear):
             q, scale = PAIRS64_LAYOUT.rows(self.qweight, rows, k), self.scale[rows // COLS, :, rows % COLS]
         return (q.float().view(q.shape[0], k // g, g) * scale.float()[..., None]).view(-1, k)
 
-    def _run_kernel(self, rows: torch.Tensor, activation: int) -> torch.Tensor:
+    def _run_kernel(self, rows: torch.Tensor, activation: int, float_output: bool = False) -> torch.Tensor:
         p = self._parameters
-        return self.kernel(rows, p["qweight"], p["scale"], p.get("bias"), self.out_features, self.group_size, activation)
+        return self.kernel(rows, p["qweight"], p["scale"], p.get("bias"), self.out_features, self.group_size, activation,
+                           float_output)
 
 
 # ---- 4-bit, group-wise ------------------------------------------------------------------------
@@ -309,7 +318,7 @@ class Int4Linear(QuantizedLinear):
             minimum = self.minimum[rows // COLS, :, rows % COLS].float()
         return (v.view(v.shape[0], k // g, g) * scale[..., None] + minimum[..., None]).view(-1, k)
 
-    def _run_kernel(self, rows: torch.Tensor, activation: int) -> torch.Tensor:
+    def _run_kernel(self, rows: torch.Tensor, activation: int, float_output: bool = False) -> torch.Tensor:
         p = self._parameters
         return self.kernel(rows, p["nibbles"], p["scale"], p["minimum"], p.get("bias"), self.out_features,
-                           self.group_size, activation)
+                           self.group_size, activation, float_output)

@@ -6,7 +6,7 @@
 // 2-core VM whose cores can read ~20 GB/s; this kernel walks each thread's share of the weight
 // as one contiguous stream, prefetching ahead, with the activations resident in L1/L2.
 //
-//   x (M, K) bf16 row-major     y (M, N) bf16 = x @ W^T + bias, optional GELU(tanh)
+//   x (M, K) bf16 row-major     y (M, N) bf16 (float32 with float_output) = x @ W^T + bias, optional GELU(tanh)
 //   W packed by oneDNN as AB16b32a2b: 32x32 blocks (N padded with zeros to a multiple of 32),
 //   N-block major, K blocks contiguous inside:
 //     W[n][k] at ((n / 32) * (K / 32) + k / 32) * 1024 + ((k % 32) / 2) * 64 + (n % 32) * 2 + k % 2
@@ -24,9 +24,12 @@
 #include <sys/syscall.h>
 
 #include "avx512_math.h"
+#include "linear_output.h"
 #include <unistd.h>
 
 namespace {
+
+using nanoserve::OutRows;
 
 constexpr int64_t kBlock = 32;              // N and K block of the packed layout
 constexpr int64_t kBlockBytes = 32 * 32 * 2;
@@ -54,8 +57,8 @@ void configure_tiles(int rows_lo, int rows_hi) {
   _tile_loadconfig(&cfg);
 }
 
-// acc (rows x 32 fp32, row stride 32) + bias -> activation -> bf16 columns [n0, n0 + 32) of y.
-void store_block(const float* acc, int rows, const float* bias, int64_t activation, at::BFloat16* y, int64_t ldy,
+// acc (rows x 32 fp32, row stride 32) + bias -> activation -> columns [n0, n0 + 32) of y (bf16 or float32).
+void store_block(const float* acc, int rows, const float* bias, int64_t activation, OutRows y, int64_t ldy,
                  int64_t n0, int64_t n_total) {
   for (int half = 0; half < 2; ++half) {
     const int64_t col = n0 + 16 * half;
@@ -65,7 +68,8 @@ void store_block(const float* acc, int rows, const float* bias, int64_t activati
     for (int m = 0; m < rows; ++m) {
       __m512 v = _mm512_add_ps(_mm512_loadu_ps(acc + m * 32 + 16 * half), b);
       if (activation == kGeluTanh) v = gelu_tanh(v);
-      _mm256_mask_storeu_epi16(y + m * ldy + col, mask, (__m256i)_mm512_cvtneps_pbh(v));
+      if (y.f32) _mm512_mask_storeu_ps(y.floats() + m * ldy + col, mask, v);
+      else _mm256_mask_storeu_epi16(y.bf16() + m * ldy + col, mask, (__m256i)_mm512_cvtneps_pbh(v));
     }
   }
 }
@@ -73,7 +77,7 @@ void store_block(const float* acc, int rows, const float* bias, int64_t activati
 // Rows [0, rows) of x times N-blocks [jb_begin, jb_end) of the packed weight.
 template <bool kTwoRowTiles>
 void run_blocks(const at::BFloat16* x, int rows, int64_t K, const at::BFloat16* w, int64_t jb_begin, int64_t jb_end,
-                const float* bias, int64_t activation, at::BFloat16* y, int64_t N) {
+                const float* bias, int64_t activation, OutRows y, int64_t N) {
   const int64_t k_blocks = K / kBlock, ldx = K * 2;
   alignas(64) float acc[32 * 32];
   for (int64_t jb = jb_begin; jb < jb_end; ++jb) {
@@ -110,7 +114,7 @@ bool amx_available() {
 }
 
 torch::Tensor amx_linear(torch::Tensor x, int64_t weight_address, int64_t weight_nbytes, c10::optional<torch::Tensor> bias,
-                         int64_t N, int64_t activation) {
+                         int64_t N, int64_t activation, bool float_output) {
   TORCH_CHECK(amx_available(), "AMX is not usable in this process");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "bf16 (M, K) input");
   x = x.contiguous();
@@ -123,12 +127,12 @@ torch::Tensor amx_linear(torch::Tensor x, int64_t weight_address, int64_t weight
     TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N, "float32 (N,) bias");
     bp = bias->data_ptr<float>();
   }
-  auto y = torch::empty({M, N}, x.options());
+  auto y = nanoserve::new_output(x, M, N, float_output);
   const auto* w = reinterpret_cast<const at::BFloat16*>(weight_address);
   for (int64_t m0 = 0; m0 < M; m0 += 32) {
     const int rows = static_cast<int>(std::min<int64_t>(32, M - m0));
     const at::BFloat16* xm = x.data_ptr<at::BFloat16>() + m0 * K;
-    at::BFloat16* ym = y.data_ptr<at::BFloat16>() + m0 * N;
+    const OutRows ym = OutRows::of(y) + m0 * N;
     at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
       configure_tiles(std::min(rows, 16), std::max(rows - 16, 1));
       if (rows > 16) run_blocks<true>(xm, rows, K, w, begin, end, bp, activation, ym, N);
@@ -143,7 +147,7 @@ torch::Tensor amx_linear(torch::Tensor x, int64_t weight_address, int64_t weight
 
 bool amx_available() { return false; }
 
-torch::Tensor amx_linear(torch::Tensor, int64_t, int64_t, c10::optional<torch::Tensor>, int64_t, int64_t) {
+torch::Tensor amx_linear(torch::Tensor, int64_t, int64_t, c10::optional<torch::Tensor>, int64_t, int64_t, bool) {
   TORCH_CHECK(false, "built without AMX support");
 }
 
@@ -151,5 +155,7 @@ torch::Tensor amx_linear(torch::Tensor, int64_t, int64_t, c10::optional<torch::T
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("amx_available", &amx_available, "whether this build and process can run AMX tiles");
-  m.def("amx_linear", &amx_linear, py::call_guard<py::gil_scoped_release>(), "y = act(x @ W^T + b) for a oneDNN-packed (AB16b32a2b) bf16 weight");
+  m.def("amx_linear", &amx_linear, py::call_guard<py::gil_scoped_release>(),
+        py::arg("x"), py::arg("weight_address"), py::arg("weight_nbytes"), py::arg("bias"), py::arg("N"),
+        py::arg("activation"), py::arg("float_output") = false, "y = act(x @ W^T + b) for a oneDNN-packed (AB16b32a2b) bf16 weight");
 }

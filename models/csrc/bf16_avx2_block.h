@@ -20,8 +20,12 @@
 #include <vector>
 
 #include "avx2_math.h"
+#include "linear_output.h"
 
 namespace nanoserve_avx2 {
+
+using nanoserve::new_output;
+using nanoserve::OutRows;
 
 
 constexpr int64_t kCols = 32;             // columns per block: 4 ymm of 8
@@ -112,10 +116,10 @@ void dot_blocks_row(const float* x, int64_t K, const char* block, int64_t block_
 using DotBlocksRow = void (*)(const float*, int64_t, const char*, int64_t, float*);
 constexpr DotBlocksRow kDotBlocksRow[kStreams + 1] = {nullptr, dot_blocks_row<1>, dot_blocks_row<2>, dot_blocks_row<3>};
 
-// acc (rows x 32) [* scale] + bias -> activation -> bf16 columns [n0, n0 + 32) of rows [0, rows)
-// of y; scale and bias (float32, per column) may be null. Columns past n_total are not written.
+// acc (rows x 32) [* scale] + bias -> activation -> columns [n0, n0 + 32) of rows [0, rows) of y
+// (bf16 or float32); scale and bias (float32, per column) may be null. Columns past n_total are not written.
 inline void store_block(const float* acc, int rows, const float* scale, const float* bias, int64_t activation,
-                        at::BFloat16* y, int64_t ldy, int64_t n0, int64_t n_total) {
+                        OutRows y, int64_t ldy, int64_t n0, int64_t n_total) {
   for (int q = 0; q < 4; ++q) {
     const int64_t col = n0 + 8 * q;
     if (col >= n_total) break;
@@ -127,13 +131,24 @@ inline void store_block(const float* acc, int rows, const float* scale, const fl
     for (int m = 0; m < rows; ++m) {
       __m256 v = _mm256_fmadd_ps(_mm256_loadu_ps(acc + m * kCols + 8 * q), sv, bv);
       if (activation == kGeluTanh) v = gelu_tanh8(v);
+      if (y.f32) {
+        float* out = y.floats() + m * ldy + col;
+        if (width == 8) {
+          _mm256_storeu_ps(out, v);
+        } else {
+          alignas(32) float tail[8];
+          _mm256_store_ps(tail, v);
+          std::memcpy(out, tail, width * sizeof(float));
+        }
+        continue;
+      }
       const __m128i out = float8_to_bf16(v);
       if (width == 8) {
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(y + m * ldy + col), out);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(y.bf16() + m * ldy + col), out);
       } else {
         alignas(16) uint16_t tail[8];
         _mm_store_si128(reinterpret_cast<__m128i*>(tail), out);
-        std::memcpy(y + m * ldy + col, tail, width * sizeof(uint16_t));
+        std::memcpy(y.bf16() + m * ldy + col, tail, width * sizeof(uint16_t));
       }
     }
   }

@@ -5,7 +5,7 @@
 // blocks of k-pairs, it streams each thread's share as one contiguous run, widening bf16 to
 // float32 in registers (a bf16 is the top half of a float32), and accumulates in float32.
 //
-//   x (M, K) bf16 row-major     y (M, N) bf16 = x @ W^T + bias, optional GELU(tanh)
+//   x (M, K) bf16 row-major     y (M, N) bf16 (float32 with float_output) = x @ W^T + bias, optional GELU(tanh)
 //   W packed as 32-column blocks, k-pairs inside (N padded to 32; models/fast_linear.py, PAIRS32):
 //     W[n][k] at (n / 32) * (K * 32) + (k / 2) * 64 + (n % 32) * 2 + k % 2
 //
@@ -29,7 +29,7 @@ using namespace nanoserve_avx2;
 bool bf16_avx2_available() { return true; }
 
 torch::Tensor bf16_avx2_linear(torch::Tensor x, int64_t weight_address, int64_t weight_nbytes,
-                               c10::optional<torch::Tensor> bias, int64_t N, int64_t activation) {
+                               c10::optional<torch::Tensor> bias, int64_t N, int64_t activation, bool float_output) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "bf16 (M, K) input");
   const int64_t M = x.size(0), K = x.size(1);
   const int64_t n_blocks = (N + kCols - 1) / kCols;
@@ -42,10 +42,10 @@ torch::Tensor bf16_avx2_linear(torch::Tensor x, int64_t weight_address, int64_t 
   }
   torch::Tensor widened;
   const float* xp = widen_rows(x, widened);  // (M, K) float32: widened once, broadcast from L1
-  auto y = torch::empty({M, N}, x.options());
+  auto y = new_output(x, M, N, float_output);
   const char* w = reinterpret_cast<const char*>(weight_address);
   const int64_t block_bytes = K * kPairBytes / 2;
-  at::BFloat16* yp = y.data_ptr<at::BFloat16>();
+  const OutRows yp = OutRows::of(y);
   if (M == 1) {  // batch 1: kStreams blocks side by side
     at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
       alignas(32) float acc[kStreams * kCols];
@@ -75,7 +75,7 @@ torch::Tensor bf16_avx2_linear(torch::Tensor x, int64_t weight_address, int64_t 
 
 bool bf16_avx2_available() { return false; }
 
-torch::Tensor bf16_avx2_linear(torch::Tensor, int64_t, int64_t, c10::optional<torch::Tensor>, int64_t, int64_t) {
+torch::Tensor bf16_avx2_linear(torch::Tensor, int64_t, int64_t, c10::optional<torch::Tensor>, int64_t, int64_t, bool) {
   TORCH_CHECK(false, "built without AVX2 + FMA support");
 }
 
@@ -84,5 +84,7 @@ torch::Tensor bf16_avx2_linear(torch::Tensor, int64_t, int64_t, c10::optional<to
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bf16_avx2_available", &bf16_avx2_available, "whether this build has the AVX2 + FMA path");
   m.def("bf16_avx2_linear", &bf16_avx2_linear, py::call_guard<py::gil_scoped_release>(),
+        py::arg("x"), py::arg("weight_address"), py::arg("weight_nbytes"), py::arg("bias"), py::arg("N"),
+        py::arg("activation"), py::arg("float_output") = false,
         "y = act(x @ W^T + b) for a bf16 weight packed in 32-column blocks of k-pairs");
 }

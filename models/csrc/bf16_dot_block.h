@@ -17,6 +17,7 @@
 #include <cstring>
 
 #include "avx512_math.h"
+#include "linear_output.h"
 
 namespace nanoserve {
 
@@ -33,11 +34,11 @@ inline __m512bh int8x32_to_bf16(const char* p) {
   return _mm512_cvtne2ps_pbh(hi, lo);  // lo in lanes 0..15, hi in 16..31
 }
 
-// acc (rows x 64 fp32) [* scale] + bias -> activation -> bf16 columns [n0, n0 + 64) of rows
-// [0, rows) of y; scale and bias (fp32, per column) may be null. Columns past n_total are masked.
+// acc (rows x 64 fp32) [* scale] + bias -> activation -> columns [n0, n0 + 64) of rows [0, rows)
+// of y (bf16 or float32); scale and bias (fp32, per column) may be null. Columns past n_total are masked.
 template <int kTile>
 void store_block(const __m512 (&acc)[kTile][4], int rows, const float* scale, const float* bias,
-                 int64_t activation, at::BFloat16* y, int64_t ldy, int64_t n0, int64_t n_total) {
+                 int64_t activation, OutRows y, int64_t ldy, int64_t n0, int64_t n_total) {
   for (int q = 0; q < 4; ++q) {
     const int64_t col = n0 + 16 * q;
     if (col >= n_total) break;
@@ -47,7 +48,8 @@ void store_block(const __m512 (&acc)[kTile][4], int rows, const float* scale, co
       __m512 v = scale ? _mm512_fmadd_ps(acc[m][q], _mm512_maskz_loadu_ps(mask, scale + col), b)
                        : _mm512_add_ps(acc[m][q], b);
       if (activation == kGeluTanh) v = gelu_tanh(v);
-      _mm256_mask_storeu_epi16(y + m * ldy + col, mask, (__m256i)_mm512_cvtneps_pbh(v));
+      if (y.f32) _mm512_mask_storeu_ps(y.floats() + m * ldy + col, mask, v);
+      else _mm256_mask_storeu_epi16(y.bf16() + m * ldy + col, mask, (__m256i)_mm512_cvtneps_pbh(v));
     }
   }
 }

@@ -5,7 +5,7 @@
 // streaming the weights; oneDNN's brgemm streams them slowly at small M. This kernel walks each
 // thread's share of the weight as one contiguous stream and keeps the activations in registers.
 //
-//   x (M, K) bf16 row-major     y (M, N) bf16 = x @ W^T + bias, optional GELU(tanh)
+//   x (M, K) bf16 row-major     y (M, N) bf16 (float32 with float_output) = x @ W^T + bias, optional GELU(tanh)
 //   W packed by oneDNN (on these CPUs) as 64-column blocks, k-pairs inside (N padded to 64):
 //     W[n][k] at (n / 64) * (K * 64) + (k / 2) * 128 + (n % 64) * 2 + k % 2
 //
@@ -29,7 +29,7 @@ using namespace nanoserve;
 bool bf16_dot_available() { return true; }
 
 torch::Tensor bf16_dot_linear(torch::Tensor x, int64_t weight_address, int64_t weight_nbytes,
-                              c10::optional<torch::Tensor> bias, int64_t N, int64_t activation) {
+                              c10::optional<torch::Tensor> bias, int64_t N, int64_t activation, bool float_output) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "bf16 (M, K) input");
   x = x.contiguous();
   const int64_t M = x.size(0), K = x.size(1);
@@ -41,11 +41,11 @@ torch::Tensor bf16_dot_linear(torch::Tensor x, int64_t weight_address, int64_t w
     TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N, "float32 (N,) bias");
     bp = bias->data_ptr<float>();
   }
-  auto y = torch::empty({M, N}, x.options());
+  auto y = new_output(x, M, N, float_output);
   const char* w = reinterpret_cast<const char*>(weight_address);
   const int64_t block_bytes = K * kCols * 2;
   const at::BFloat16* xp = x.data_ptr<at::BFloat16>();
-  at::BFloat16* yp = y.data_ptr<at::BFloat16>();
+  const OutRows yp = OutRows::of(y);
   at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
     const char* stream_end = w + end * block_bytes;
     __m512 acc[kRowTile][4];
@@ -65,7 +65,7 @@ torch::Tensor bf16_dot_linear(torch::Tensor x, int64_t weight_address, int64_t w
 
 bool bf16_dot_available() { return false; }
 
-torch::Tensor bf16_dot_linear(torch::Tensor, int64_t, int64_t, c10::optional<torch::Tensor>, int64_t, int64_t) {
+torch::Tensor bf16_dot_linear(torch::Tensor, int64_t, int64_t, c10::optional<torch::Tensor>, int64_t, int64_t, bool) {
   TORCH_CHECK(false, "built without AVX512-BF16 support");
 }
 
@@ -74,5 +74,7 @@ torch::Tensor bf16_dot_linear(torch::Tensor, int64_t, int64_t, c10::optional<tor
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bf16_dot_available", &bf16_dot_available, "whether this build has the AVX512-BF16 path");
   m.def("bf16_dot_linear", &bf16_dot_linear, py::call_guard<py::gil_scoped_release>(),
+        py::arg("x"), py::arg("weight_address"), py::arg("weight_nbytes"), py::arg("bias"), py::arg("N"),
+        py::arg("activation"), py::arg("float_output") = false,
         "y = act(x @ W^T + b) for a bf16 weight oneDNN packed in 64-column blocks of k-pairs");
 }

@@ -3,7 +3,7 @@
 // Q4_0 / Q4_1 and --quantization int4) and grouped int8 (w = d q, GGUF's Q8_0). Same storage as
 // those kernels, read as stored: the 4-bit stream is a quarter of bf16's bytes, Q8_0's half.
 //
-//   x (M, K) bf16 row-major     y (M, N) bf16 = x @ W^T + bias, optional GELU(tanh)
+//   x (M, K) bf16 row-major     y (M, N) bf16 (float32 with float_output) = x @ W^T + bias, optional GELU(tanh)
 //   64-column blocks (N padded to 64) of k-pairs; per block and group g of G along K, an fp16
 //   scale d (and for 4-bit a minimum m) per column: scale, minimum (N / 64, K / G, 64) fp16.
 //     4-bit: 64 bytes a k-pair, 32 little-endian words; word i holds column 16 j + i / 2 at
@@ -31,6 +31,8 @@
 namespace {
 
 using nanoserve_avx2::kPrefetchBytes;  // every line: it pays here
+using nanoserve_avx2::new_output;
+using nanoserve_avx2::OutRows;
 using nanoserve_avx2::store_block;
 using nanoserve_avx2::widen_rows;
 
@@ -217,7 +219,7 @@ const float* float32_bias(const c10::optional<torch::Tensor>& bias, int64_t N) {
 
 template <class Format>
 torch::Tensor grouped_linear(const torch::Tensor& x, const char* w, const at::Half* scale, const at::Half* minimum,
-                             const float* bias, int64_t N, int64_t G, int64_t activation) {
+                             const float* bias, int64_t N, int64_t G, int64_t activation, bool float_output) {
   const int64_t M = x.size(0), K = x.size(1), groups = K / G;
   const int64_t n_blocks = (N + kBlockCols - 1) / kBlockCols;
   const int64_t block_bytes = K / 2 * Format::kPairBytes;
@@ -233,8 +235,8 @@ torch::Tensor grouped_linear(const torch::Tensor& x, const char* w, const at::Ha
     x_sum[i] = sum;
   }
   const float* sums = Format::kHasMinimum ? x_sum.data() : nullptr;
-  auto y = torch::empty({M, N}, x.options());
-  at::BFloat16* yp = y.data_ptr<at::BFloat16>();
+  auto y = new_output(x, M, N, float_output);
+  const OutRows yp = OutRows::of(y);
   at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
     const char* stream_end = w + end * block_bytes;
     std::vector<float> buffers(M == 1 ? kBlockCols : 2 * kChunkRows * kHalfCols + G * kBlockCols);
@@ -278,7 +280,8 @@ void check_scales(const torch::Tensor& t, int64_t n_blocks, int64_t groups) {
 bool grouped_avx2_available() { return true; }
 
 torch::Tensor int4_avx2_linear(torch::Tensor x, torch::Tensor nibbles, torch::Tensor scale, torch::Tensor minimum,
-                               c10::optional<torch::Tensor> bias, int64_t N, int64_t group_size, int64_t activation) {
+                               c10::optional<torch::Tensor> bias, int64_t N, int64_t group_size, int64_t activation,
+                               bool float_output) {
   x = x.contiguous();
   check_input(x, group_size);
   const int64_t K = x.size(1), n_blocks = (N + kBlockCols - 1) / kBlockCols;
@@ -287,11 +290,12 @@ torch::Tensor int4_avx2_linear(torch::Tensor x, torch::Tensor nibbles, torch::Te
   check_scales(scale, n_blocks, K / group_size);
   check_scales(minimum, n_blocks, K / group_size);
   return grouped_linear<Nibbles>(x, reinterpret_cast<const char*>(nibbles.data_ptr<uint8_t>()), scale.data_ptr<at::Half>(),
-                                 minimum.data_ptr<at::Half>(), float32_bias(bias, N), N, group_size, activation);
+                                 minimum.data_ptr<at::Half>(), float32_bias(bias, N), N, group_size, activation, float_output);
 }
 
 torch::Tensor int8_group_avx2_linear(torch::Tensor x, torch::Tensor qweight, torch::Tensor scale,
-                                     c10::optional<torch::Tensor> bias, int64_t N, int64_t group_size, int64_t activation) {
+                                     c10::optional<torch::Tensor> bias, int64_t N, int64_t group_size, int64_t activation,
+                                     bool float_output) {
   x = x.contiguous();
   check_input(x, group_size);
   const int64_t K = x.size(1), n_blocks = (N + kBlockCols - 1) / kBlockCols;
@@ -299,7 +303,7 @@ torch::Tensor int8_group_avx2_linear(torch::Tensor x, torch::Tensor qweight, tor
               "int8 weight of (N padded to 64) x K elements in 64-column blocks");
   check_scales(scale, n_blocks, K / group_size);
   return grouped_linear<Int8s>(x, reinterpret_cast<const char*>(qweight.data_ptr<int8_t>()), scale.data_ptr<at::Half>(),
-                               nullptr, float32_bias(bias, N), N, group_size, activation);
+                               nullptr, float32_bias(bias, N), N, group_size, activation, float_output);
 }
 
 #else  // built without AVX2 + FMA + F16C: the Python side keeps its PyTorch path
@@ -307,12 +311,12 @@ torch::Tensor int8_group_avx2_linear(torch::Tensor x, torch::Tensor qweight, tor
 bool grouped_avx2_available() { return false; }
 
 torch::Tensor int4_avx2_linear(torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>,
-                               int64_t, int64_t, int64_t) {
+                               int64_t, int64_t, int64_t, bool) {
   TORCH_CHECK(false, "built without AVX2 + FMA + F16C support");
 }
 
 torch::Tensor int8_group_avx2_linear(torch::Tensor, torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>, int64_t,
-                                     int64_t, int64_t) {
+                                     int64_t, int64_t, bool) {
   TORCH_CHECK(false, "built without AVX2 + FMA + F16C support");
 }
 
@@ -321,7 +325,11 @@ torch::Tensor int8_group_avx2_linear(torch::Tensor, torch::Tensor, torch::Tensor
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("grouped_avx2_available", &grouped_avx2_available, "whether this build has the AVX2 + FMA + F16C path");
   m.def("int4_avx2_linear", &int4_avx2_linear, py::call_guard<py::gil_scoped_release>(),
+        py::arg("x"), py::arg("nibbles"), py::arg("scale"), py::arg("minimum"), py::arg("bias"), py::arg("N"),
+        py::arg("group_size"), py::arg("activation"), py::arg("float_output") = false,
         "y = act(x @ W^T + b) for group-wise 4-bit W = scale * v + min, nibbles in 64-column blocks of k-pairs");
   m.def("int8_group_avx2_linear", &int8_group_avx2_linear, py::call_guard<py::gil_scoped_release>(),
+        py::arg("x"), py::arg("qweight"), py::arg("scale"), py::arg("bias"), py::arg("N"), py::arg("group_size"),
+        py::arg("activation"), py::arg("float_output") = false,
         "y = act(x @ W^T + b) for grouped int8 W = scale * q (GGUF Q8_0), 64-column blocks of k-pairs");
 }

@@ -3,7 +3,7 @@
 // (GGUF's Q4_1; Q4_0 is m = -8 d). A quarter of bf16's bytes, widened in registers for
 // AVX512-BF16 dot products.
 //
-//   x (M, K) bf16 row-major     y (M, N) bf16 = x @ W^T + bias, optional GELU(tanh)
+//   x (M, K) bf16 row-major     y (M, N) bf16 (float32 with float_output) = x @ W^T + bias, optional GELU(tanh)
 //   nibbles: 64-column blocks (N padded to 64) of k-pairs, 64 bytes a k-pair, read as 32 words.
 //     Word i of k-pair p holds 4 nibbles; nibble j is the weight of column 16 j + i / 2 at
 //     k = 2 p + i % 2. So (word >> 4 j) & 15 over the 32 words is lane-for-lane the B operand
@@ -28,6 +28,8 @@
 #include "bf16_dot_block.h"
 
 using nanoserve::kCols;
+using nanoserve::new_output;
+using nanoserve::OutRows;
 
 namespace {
 
@@ -90,7 +92,8 @@ constexpr DotBlock kDotBlock[kRowTile + 1] = {nullptr, dot_block<1>, dot_block<2
 bool int4_linear_available() { return true; }
 
 torch::Tensor int4_linear(torch::Tensor x, torch::Tensor nibbles, torch::Tensor scale, torch::Tensor minimum,
-                          c10::optional<torch::Tensor> bias, int64_t N, int64_t group_size, int64_t activation) {
+                          c10::optional<torch::Tensor> bias, int64_t N, int64_t group_size, int64_t activation,
+                          bool float_output) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "bf16 (M, K) input");
   x = x.contiguous();
   const int64_t M = x.size(0), K = x.size(1), G = group_size;
@@ -116,13 +119,13 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor nibbles, torch::Tensor 
     for (int64_t k = 0; k < G; ++k) sum += static_cast<float>(xp[i * G + k]);
     xsum[i] = sum;
   }
-  auto y = torch::empty({M, N}, x.options());
+  auto y = new_output(x, M, N, float_output);
   const char* w = reinterpret_cast<const char*>(nibbles.data_ptr<uint8_t>());
   const at::Half* sp = scale.data_ptr<at::Half>();
   const at::Half* mp = minimum.data_ptr<at::Half>();
   const float* xs = xsum.data();
   const int64_t block_bytes = K * kCols / 2;
-  at::BFloat16* yp = y.data_ptr<at::BFloat16>();
+  const OutRows yp = OutRows::of(y);
   at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
     const char* stream_end = w + end * block_bytes;
     __m512 acc[kRowTile][4];
@@ -143,7 +146,7 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor nibbles, torch::Tensor 
 bool int4_linear_available() { return false; }
 
 torch::Tensor int4_linear(torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>,
-                          int64_t, int64_t, int64_t) {
+                          int64_t, int64_t, int64_t, bool) {
   TORCH_CHECK(false, "built without AVX512-BF16 support");
 }
 
@@ -152,5 +155,7 @@ torch::Tensor int4_linear(torch::Tensor, torch::Tensor, torch::Tensor, torch::Te
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_linear_available", &int4_linear_available, "whether this build has the AVX512-BF16 path");
   m.def("int4_linear", &int4_linear, py::call_guard<py::gil_scoped_release>(),
+        py::arg("x"), py::arg("nibbles"), py::arg("scale"), py::arg("minimum"), py::arg("bias"), py::arg("N"),
+        py::arg("group_size"), py::arg("activation"), py::arg("float_output") = false,
         "y = act(x @ W^T + b) for group-wise 4-bit W = scale * v + min, nibbles in 64-column blocks of k-pairs");
 }

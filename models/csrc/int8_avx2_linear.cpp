@@ -2,7 +2,8 @@
 // without AVX-512, where int8_linear.cpp does not build. Half the bytes of bf16 stream from
 // memory; the widening happens in cache.
 //
-//   x (M, K) bf16 row-major     y (M, N) bf16 = (x @ Q^T) * scale + bias, optional GELU(tanh)
+//   x (M, K) bf16 row-major     y (M, N) bf16 (float32 with float_output)
+//                               = (x @ Q^T) * scale + bias, optional GELU(tanh)
 //   Q int8 in int8_linear.cpp's layout: 64-column blocks of k-pairs (N padded to 64, K even):
 //     Q[n][k] at (n / 64) * (K * 64) + (k / 2) * 128 + (n % 64) * 2 + k % 2
 //
@@ -79,7 +80,7 @@ void dot_int8_block_row(const float* x, int64_t K, const char* block, float* acc
 bool int8_avx2_available() { return true; }
 
 torch::Tensor int8_avx2_linear(torch::Tensor x, torch::Tensor qweight, torch::Tensor scale,
-                               c10::optional<torch::Tensor> bias, int64_t N, int64_t activation) {
+                               c10::optional<torch::Tensor> bias, int64_t N, int64_t activation, bool float_output) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "bf16 (M, K) input");
   const int64_t M = x.size(0), K = x.size(1);
   const int64_t n_blocks = (N + kInt8Cols - 1) / kInt8Cols;
@@ -94,11 +95,11 @@ torch::Tensor int8_avx2_linear(torch::Tensor x, torch::Tensor qweight, torch::Te
   }
   torch::Tensor widened;
   const float* xp = widen_rows(x, widened);  // (M, K) float32: widened once, broadcast from L1
-  auto y = torch::empty({M, N}, x.options());
+  auto y = new_output(x, M, N, float_output);
   const char* w = reinterpret_cast<const char*>(qweight.data_ptr<int8_t>());
   const float* sp = scale.data_ptr<float>();
   const int64_t block_bytes = K * kInt8Cols;
-  at::BFloat16* yp = y.data_ptr<at::BFloat16>();
+  const OutRows yp = OutRows::of(y);
   if (M == 1) {  // batch 1: widen in registers, no scratch
     at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
       alignas(32) float acc[kInt8Cols];
@@ -136,7 +137,7 @@ torch::Tensor int8_avx2_linear(torch::Tensor x, torch::Tensor qweight, torch::Te
 bool int8_avx2_available() { return false; }
 
 torch::Tensor int8_avx2_linear(torch::Tensor, torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>, int64_t,
-                               int64_t) {
+                               int64_t, bool) {
   TORCH_CHECK(false, "built without AVX2 + FMA support");
 }
 
@@ -145,5 +146,7 @@ torch::Tensor int8_avx2_linear(torch::Tensor, torch::Tensor, torch::Tensor, c10:
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_avx2_available", &int8_avx2_available, "whether this build has the AVX2 + FMA path");
   m.def("int8_avx2_linear", &int8_avx2_linear, py::call_guard<py::gil_scoped_release>(),
+        py::arg("x"), py::arg("qweight"), py::arg("scale"), py::arg("bias"), py::arg("N"), py::arg("activation"),
+        py::arg("float_output") = false,
         "y = act((x @ Q^T) * scale + b) for per-channel int8 weights in 64-column blocks of k-pairs");
 }

@@ -3,7 +3,8 @@
 // are bound by streaming the weights. Needs AVX512-BF16 (AMD Zen 4/5, Intel Cooper Lake and every
 // AMX CPU); elsewhere the Python side keeps its PyTorch reference path.
 //
-//   x (M, K) bf16 row-major     y (M, N) bf16 = (x @ Q^T) * scale + bias, optional GELU(tanh)
+//   x (M, K) bf16 row-major     y (M, N) bf16 (float32 with float_output)
+//                               = (x @ Q^T) * scale + bias, optional GELU(tanh)
 //   Q int8, laid out as 64-column blocks of k-pairs (N padded to 64, K even), the layout
 //   models/csrc/bf16_dot_linear.cpp reads, one byte per weight instead of two:
 //     Q[n][k] at (n / 64) * (K * 64) + (k / 2) * 128 + (n % 64) * 2 + k % 2
@@ -112,7 +113,7 @@ const float* float32_bias(const c10::optional<torch::Tensor>& bias, int64_t N) {
 bool int8_linear_available() { return true; }
 
 torch::Tensor int8_linear(torch::Tensor x, torch::Tensor qweight, torch::Tensor scale,
-                          c10::optional<torch::Tensor> bias, int64_t N, int64_t activation) {
+                          c10::optional<torch::Tensor> bias, int64_t N, int64_t activation, bool float_output) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "bf16 (M, K) input");
   x = x.contiguous();
   const int64_t M = x.size(0), K = x.size(1);
@@ -122,12 +123,12 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor qweight, torch::Tensor 
               "int8 weight of (N padded to 64) x K elements in 64-column blocks");
   TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == N, "float32 (N,) scale");
   const float* bp = float32_bias(bias, N);
-  auto y = torch::empty({M, N}, x.options());
+  auto y = new_output(x, M, N, float_output);
   const char* w = reinterpret_cast<const char*>(qweight.data_ptr<int8_t>());
   const float* sp = scale.data_ptr<float>();
   const int64_t block_bytes = K * kCols;
   const at::BFloat16* xp = x.data_ptr<at::BFloat16>();
-  at::BFloat16* yp = y.data_ptr<at::BFloat16>();
+  const OutRows yp = OutRows::of(y);
   at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
     const char* stream_end = w + end * block_bytes;
     __m512 acc[kRowTile][4];
@@ -151,7 +152,8 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor qweight, torch::Tensor 
 }
 
 torch::Tensor int8_group_linear(torch::Tensor x, torch::Tensor qweight, torch::Tensor scale,
-                                c10::optional<torch::Tensor> bias, int64_t N, int64_t group_size, int64_t activation) {
+                                c10::optional<torch::Tensor> bias, int64_t N, int64_t group_size, int64_t activation,
+                                bool float_output) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "bf16 (M, K) input");
   x = x.contiguous();
   const int64_t M = x.size(0), K = x.size(1), G = group_size;
@@ -162,12 +164,12 @@ torch::Tensor int8_group_linear(torch::Tensor x, torch::Tensor qweight, torch::T
   TORCH_CHECK(scale.scalar_type() == at::kHalf && scale.is_contiguous() && scale.numel() == n_blocks * groups * kCols,
               "float16 (blocks, groups, 64) scales");
   const float* bp = float32_bias(bias, N);
-  auto y = torch::empty({M, N}, x.options());
+  auto y = new_output(x, M, N, float_output);
   const char* w = reinterpret_cast<const char*>(qweight.data_ptr<int8_t>());
   const at::Half* sp = scale.data_ptr<at::Half>();
   const int64_t block_bytes = K * kCols;
   const at::BFloat16* xp = x.data_ptr<at::BFloat16>();
-  at::BFloat16* yp = y.data_ptr<at::BFloat16>();
+  const OutRows yp = OutRows::of(y);
   const bool widen = M > kGroupRowTile;  // more than one row tile: widen each block once, not per tile
   at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
     const char* stream_end = w + end * block_bytes;
@@ -195,12 +197,12 @@ torch::Tensor int8_group_linear(torch::Tensor x, torch::Tensor qweight, torch::T
 
 bool int8_linear_available() { return false; }
 
-torch::Tensor int8_linear(torch::Tensor, torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>, int64_t, int64_t) {
+torch::Tensor int8_linear(torch::Tensor, torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>, int64_t, int64_t, bool) {
   TORCH_CHECK(false, "built without AVX512-BF16 support");
 }
 
 torch::Tensor int8_group_linear(torch::Tensor, torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>, int64_t,
-                                int64_t, int64_t) {
+                                int64_t, int64_t, bool) {
   TORCH_CHECK(false, "built without AVX512-BF16 support");
 }
 
@@ -209,7 +211,11 @@ torch::Tensor int8_group_linear(torch::Tensor, torch::Tensor, torch::Tensor, c10
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_linear_available", &int8_linear_available, "whether this build has the AVX512-BF16 path");
   m.def("int8_linear", &int8_linear, py::call_guard<py::gil_scoped_release>(),
+        py::arg("x"), py::arg("qweight"), py::arg("scale"), py::arg("bias"), py::arg("N"), py::arg("activation"),
+        py::arg("float_output") = false,
         "y = act((x @ Q^T) * scale + b) for an int8 weight in 64-column blocks of k-pairs");
   m.def("int8_group_linear", &int8_group_linear, py::call_guard<py::gil_scoped_release>(),
+        py::arg("x"), py::arg("qweight"), py::arg("scale"), py::arg("bias"), py::arg("N"), py::arg("group_size"),
+        py::arg("activation"), py::arg("float_output") = false,
         "y = act(x @ W^T + b) for W = scale * Q, one scale per group of K (GGUF Q8_0), same layout");
 }
