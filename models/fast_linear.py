@@ -7,7 +7,7 @@ a few rows (M <= 32) and are bound by streaming the weights, which oneDNN does s
 models/csrc/amx_linear.cpp on CPUs with AMX tiles, models/csrc/bf16_dot_linear.cpp with
 AVX512-BF16 dot products on CPUs without AMX (oneDNN lays the weight out differently for each,
 and each kernel reads its CPU's layout, checked byte for byte at pack time). Prefill (large M)
-stays on oneDNN.
+stays on oneDNN, except for an LM head on AMX (`PackedLinear.forward_float32`).
 
 CPUs without AVX-512 (AVX2 + FMA only) get no bf16 path from oneDNN at all: it refuses to pack
 bf16 weights there, and ATen's bf16 matmul runs ~3x slower than float32. There
@@ -84,8 +84,12 @@ class SmallBatchKernel:
     name: str
     layout: PackedLayout
     max_rows: int      # more rows re-read the weight too often; oneDNN blocks them better
-    linear: Callable   # (x, address, nbytes, bias_f32 | None, N, activation) -> y
+    linear: Callable   # (x, address, nbytes, bias_f32 | None, N, activation, float_output=False) -> y
     packs_itself: bool = False  # the kernel takes every row count: there is no oneDNN to hand over to
+    # rows up to which an LM head's float32 logits come from this kernel (past them oneDNN's bf16,
+    # widened): AMX makes one pass over the weight per 32 rows, as fast as oneDNN up to 256 rows
+    # of GPT-2's head (16.1 against 21.6 ms); the AVX512-BF16 kernel re-reads x for every block
+    head_rows: int = 0
 
 
 def onednn_packs_bf16() -> bool:
@@ -101,7 +105,8 @@ def own_layout_kernel() -> SmallBatchKernel | None:
     avx2 = load_kernel("nanoserve_bf16_avx2_linear", "bf16_avx2_linear.cpp")
     if avx2 is None or not avx2.bf16_avx2_available():
         return None
-    return SmallBatchKernel("AVX2", PAIRS32_LAYOUT, sys.maxsize, avx2.bf16_avx2_linear, packs_itself=True)
+    return SmallBatchKernel("AVX2", PAIRS32_LAYOUT, sys.maxsize, avx2.bf16_avx2_linear, packs_itself=True,
+                            head_rows=sys.maxsize)
 
 
 def small_batch_kernels() -> list[SmallBatchKernel]:
@@ -109,10 +114,10 @@ def small_batch_kernels() -> list[SmallBatchKernel]:
     kernels = []
     amx = load_kernel("nanoserve_amx_linear", "amx_linear.cpp")
     if amx is not None and amx.amx_available():
-        kernels.append(SmallBatchKernel("AMX", AMX_LAYOUT, 32, amx.amx_linear))
+        kernels.append(SmallBatchKernel("AMX", AMX_LAYOUT, 32, amx.amx_linear, head_rows=sys.maxsize))
     dot = load_kernel("nanoserve_bf16_dot_linear", "bf16_dot_linear.cpp")
     if dot is not None and dot.bf16_dot_available():
-        kernels.append(SmallBatchKernel("AVX512-BF16", PAIRS64_LAYOUT, 32, dot.bf16_dot_linear))
+        kernels.append(SmallBatchKernel("AVX512-BF16", PAIRS64_LAYOUT, 32, dot.bf16_dot_linear, head_rows=32))
     return kernels
 
 
@@ -171,13 +176,12 @@ class PackedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
 
     def forward_float32(self, x: torch.Tensor) -> torch.Tensor:
-        """linear(x) as float32, not rounded to bf16 (an LM head's logits). Every row count takes
-        the small-batch kernel (past its row limit it re-reads the weight once per 32 rows: 64
-        rows of GPT-2's head took 4.2 ms against oneDNN's 3.4-3.9 on a 2-core AMX Xeon), so a row's logits are the same
-        bits alone or in any batch; without a kernel oneDNN's bf16 output is widened."""
-        if self.kernel is None:
-            return self(x).float()
-        return self.kernel.linear(x, *self.weight_buffer, self._buffers["bias_f32"], self.out_features, 0, True)
+        """linear(x) as float32 (an LM head's logits): the kernel's sums, not rounded to bf16, up
+        to its `head_rows` (every row count on AMX and on the AVX2 kernel, 32 rows on
+        AVX512-BF16); past them, or without a kernel, oneDNN's bf16 output widened."""
+        if self.kernel is not None and x.shape[0] <= self.kernel.head_rows:
+            return self.kernel.linear(x, *self.weight_buffer, self._buffers["bias_f32"], self.out_features, 0, True)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "").float()
 
     def forward_gelu_tanh(self, x: torch.Tensor) -> torch.Tensor:
         """gelu(linear(x), approximate="tanh") with the activation applied before rounding to bf16."""

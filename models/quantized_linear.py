@@ -56,10 +56,16 @@ class QuantizedLinear(nn.Module, ABC):
         return self._linear(x, gelu_tanh=True)
 
     def forward_float32(self, x: torch.Tensor) -> torch.Tensor:
-        """linear(x) (M, K) as float32 (an LM head's logits): the kernel's sums not rounded to
-        bf16, or the reference in float32 from the dequantized weight."""
+        """linear(x) as float32 (an LM head's logits): the kernel's sums not rounded to bf16, or
+        the reference in float32."""
+        if x.dim() != 2:
+            return self.forward_float32(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
         if self.kernel is not None and x.dtype == torch.bfloat16:
             return self._run_kernel(x, 0, float_output=True)
+        return self.reference_float32(x)
+
+    def reference_float32(self, x: torch.Tensor) -> torch.Tensor:
+        """(M, K) -> (M, N) float32 from the dequantized weight."""
         return F.linear(x.float(), self.dequantize(), self.bias)
 
     def _linear(self, x: torch.Tensor, gelu_tanh: bool) -> torch.Tensor:
@@ -168,6 +174,11 @@ class Int8Linear(QuantizedLinear):
             return super().reference(x)
         y = F.linear(x, self.int8_weight().to(x.dtype)).float() * self.scale  # (M, N)
         return (y if self.bias is None else y + self.bias).to(x.dtype)
+
+    def reference_float32(self, x: torch.Tensor) -> torch.Tensor:
+        """q widened to float32 (one 4-byte copy, no scaled second one), one matmul, then the scale."""
+        y = F.linear(x.float(), self.int8_weight().float()) * self.scale  # (M, N)
+        return y if self.bias is None else y + self.bias
 
     def _run_kernel(self, rows: torch.Tensor, activation: int, float_output: bool = False) -> torch.Tensor:
         p = self._parameters

@@ -12,8 +12,11 @@ import torch.nn.functional as F
 from models.cpu_kernels import load_kernel
 from models.fast_linear import PAIRS32_LAYOUT, PackedLinear, small_batch_kernels
 from models.layers import Linear, LMHead
+from models.loader import load_model
 from models.quantized_linear import (Int4Linear, Int8GroupLinear, Int8Linear, int4_avx2_kernel, int4_kernel,
                                      int8_avx2_kernel, int8_group_avx2_kernel, int8_group_kernel, int8_kernel)
+from server.config import EngineConfig
+from server.engine.engine import Engine
 
 ROWS = (1, 5, 7, 16, 17, 33)  # register tiles of 3 and 6 rows, AMX tiles of 16, two 32-row passes
 
@@ -93,8 +96,9 @@ def test_each_quantized_kernel_writes_its_sums_unrounded(rows):
 
 @pytest.mark.parametrize("rows", [1, 31, 32, 33, 64, 70])
 def test_a_packed_head_gives_a_row_the_same_float32_logits_alone_and_in_any_batch(rows):
-    """Past the small-batch kernel's row limit (32) the head runs it in slices instead of
-    handing the batch to oneDNN, so no batch size changes a row's logits."""
+    """Up to the kernel's `head_rows` (every row count on AMX, where one pass over the weight
+    per 32 rows is as fast as oneDNN; 32 on AVX512-BF16) the head adds no batch dependence of its
+    own; past them oneDNN's bf16 output is widened."""
     torch.manual_seed(0)
     head = LMHead(128, 1000, bias=False).to(torch.bfloat16)
     exact_weight = head.weight.detach().double()
@@ -105,9 +109,29 @@ def test_a_packed_head_gives_a_row_the_same_float32_logits_alone_and_in_any_batc
     x = _bf16_input(rows, 128)
     logits = head(x)  # (rows, 1000)
     assert logits.dtype == torch.float32 and logits.shape == (rows, 1000)
+    if rows > packed.kernel.head_rows:
+        onednn = torch.ops.mkldnn._linear_pointwise(x, packed.packed_weight, None, "none", [], "")
+        assert torch.equal(logits, onednn.float())
+        return
     for row in {0, rows // 2, rows - 1}:
         assert torch.equal(head(x[row:row + 1])[0], logits[row]), f"row {row}"
     torch.testing.assert_close(logits.double(), x.double() @ exact_weight.T, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("spec", ["random:tiny-gpt2", "random:tiny-qwen2"])
+@pytest.mark.parametrize("quantization", [None, "int8"])
+def test_the_models_compute_float32_logits(spec, quantization):
+    """GPT-2's and the Qwen family's heads are LMHeads: an engine's logits are float32, and off
+    the bf16 grid wherever a kernel runs the head."""
+    engine = Engine(load_model(spec, dtype="bfloat16", device="cpu"),
+                    EngineConfig(num_kv_blocks=16, quantization=quantization))
+    model = engine.runner.model
+    assert isinstance(model.lm_head, LMHead)
+    hidden = _bf16_input(3, model.lm_head.in_features)
+    logits = model.compute_logits(hidden)  # (3, V)
+    assert logits.dtype == torch.float32 and logits.shape[0] == 3
+    if model.lm_head.kernel is not None and getattr(model.lm_head.kernel, "kernel", None) is not None:
+        assert not torch.equal(logits, logits.to(torch.bfloat16).float())
 
 
 def test_a_head_without_a_kernel_widens_its_output():
@@ -117,9 +141,13 @@ def test_a_head_without_a_kernel_widens_its_output():
     assert torch.equal(head(x), Linear.forward(head, x).float())
 
 
-def test_a_quantized_head_without_a_kernel_computes_in_float32():
+@pytest.mark.parametrize("fmt", ["int8", "int4-g32"])
+def test_a_quantized_head_without_a_kernel_computes_in_float32(fmt):
     """The reference path of a quantized head: float32 from the dequantized weight."""
     torch.manual_seed(0)
-    layer = Int8Linear(torch.nn.Linear(64, 40), use_kernel=False)
+    linear = torch.nn.Linear(64, 40)
+    layer = Int8Linear(linear, use_kernel=False) if fmt == "int8" else Int4Linear(linear, 32, use_kernel=False)
     x = _bf16_input(3, 64)
-    assert torch.equal(layer.forward_float32(x), F.linear(x.float(), layer.dequantize(), layer.bias))
+    logits = layer.forward_float32(x)
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, F.linear(x.float(), layer.dequantize(), layer.bias), atol=1e-5, rtol=1e-5)
