@@ -134,15 +134,26 @@ def int8_avx2_kernel() -> Callable | None:
 _KERNEL_CPU = {"int8_avx2_linear": "AVX2", "int8_group_avx2_linear": "AVX2", "int4_avx2_linear": "AVX2"}  # kernel function -> the CPU feature it needs (else AVX512-BF16)
 
 
+def int8_uses_amx(layer: QuantizedLinear) -> bool:
+    """Whether the per-channel int8 kernel multiplies this layer with AMX tiles (K a multiple of 32)."""
+    module = load_kernel("nanoserve_int8_linear", "int8_linear.cpp")
+    return (layer.kernel is not None and layer.kernel.__name__ == "int8_linear" and layer.in_features % 32 == 0
+            and module is not None and module.int8_amx())
+
+
+def _kernel_cpu(layer: QuantizedLinear) -> str:
+    """The CPU feature a layer's kernel runs on: AMX, AVX512-BF16 or AVX2."""
+    return "AMX" if int8_uses_amx(layer) else _KERNEL_CPU.get(layer.kernel.__name__, "AVX512-BF16")
+
+
 def describe_paths(layers: list[QuantizedLinear], activation_dtype: torch.dtype = torch.bfloat16) -> str:
     """Which path the layers take, for the load log: '47 on the AVX2 kernel, 2 on the PyTorch reference path'.
     The kernels take bf16 activations only: with others every layer runs the reference path."""
-    kernels = sorted({_KERNEL_CPU.get(m.kernel.__name__, "AVX512-BF16") for m in layers if m.kernel is not None})
+    kernels = sorted({_kernel_cpu(m) for m in layers if m.kernel is not None})
     if kernels and activation_dtype != torch.bfloat16:
         return (f"{len(layers)} on the PyTorch reference path ({str(activation_dtype).removeprefix('torch.')} "
                 f"activations; the {'/'.join(kernels)} kernel takes bfloat16: --dtype bfloat16)")
-    paths = Counter("the PyTorch reference path" if m.kernel is None
-                    else f"the {_KERNEL_CPU.get(m.kernel.__name__, 'AVX512-BF16')} kernel" for m in layers)
+    paths = Counter("the PyTorch reference path" if m.kernel is None else f"the {_kernel_cpu(m)} kernel" for m in layers)
     return ", ".join(f"{count} on {path}" for path, count in paths.items()) or "none"
 
 

@@ -12,8 +12,8 @@ from models.loader import load_model
 from models.quantization import make_quantized, quantize_linear_layers
 from models.quantized_linear import (Int4Linear, Int8GroupLinear, Int8Linear, QuantizedEmbedding, QuantizedLinear,
                                      int4_avx2_kernel, int4_kernel, int8_avx2_kernel, int8_group_avx2_kernel,
-                                     int8_group_kernel, int8_kernel, pack_nibbles, quantize_int4, quantize_int8,
-                                     unpack_nibbles)
+                                     int8_group_kernel, int8_kernel, int8_uses_amx, pack_nibbles, quantize_int4,
+                                     quantize_int8, unpack_nibbles)
 from server.config import EngineConfig
 from server.engine.engine import Engine
 from server.engine.speculative import SpeculativeConfig, draft_quantization
@@ -99,12 +99,12 @@ def test_nibbles_round_trip_through_the_kernel_layout():
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("use_kernel", [False, True])
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 12, 13, 32, 64])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 12, 13, 16, 17, 32, 33, 64])
 @pytest.mark.parametrize("shape,bias", [((128, 96), True), ((128, 100), False), ((768, 2304), True)])
 def test_quantized_linear_equals_exact_math(method, use_kernel, rows, shape, bias):
-    """Both paths, at row counts across the kernels' row tiles (int8: 6, int4: 3) and int8's
-    widening hand-over (12), with N padded to whole 64-column blocks (100): within bf16
-    rounding of the exact result."""
+    """Both paths, at row counts across the kernels' row tiles (int8: 6, int4: 3; int8 on AMX:
+    16) and int8's widening hand-overs (12; 16 on AMX), with N padded to whole 64-column blocks
+    (100): within bf16 rounding of the exact result."""
     if use_kernel:
         skip_without_a_kernel(method)
     linear = _linear(*shape, bias=bias).to(torch.bfloat16)
@@ -129,6 +129,32 @@ def test_leading_dimensions_pass_through(method, use_kernel):
     assert torch.equal(layer(x.view(2, 3, 64)), flat.view(2, 3, 96))
     assert torch.equal(layer.forward_gelu_tanh(x.view(3, 2, 64)), layer.forward_gelu_tanh(x).view(3, 2, 96))
     assert torch.equal(layer(x[0]), flat[0])
+
+
+@pytest.mark.parametrize("rows", [1, 13, 17, 33])
+def test_int8_with_k_no_multiple_of_32_equals_exact_math(rows):
+    """K = 80 leaves a part of an AMX tile: such layers take the dot products on every CPU."""
+    skip_without_a_kernel("int8")
+    linear = _linear(80, 64).to(torch.bfloat16)
+    layer = make_quantized(linear, "int8")
+    assert not int8_uses_amx(layer)
+    x = torch.randn(rows, 80).to(torch.bfloat16)
+    expected = _exact(x, "int8", linear)
+    torch.testing.assert_close(layer(x).double(), expected, atol=1e-2 * expected.abs().max().item(), rtol=1e-2)
+
+
+def test_int8_layers_take_amx_tiles_where_the_cpu_has_them(caplog):
+    """On an AMX CPU every int8 layer with K a multiple of 32 multiplies with tiles, and the load
+    log says so; elsewhere the log names the AVX512-BF16 or AVX2 kernel."""
+    skip_without_a_kernel("int8")
+    loaded = load_model("random:tiny-gpt2", dtype="bfloat16", device="cpu")
+    with caplog.at_level("INFO"):
+        engine = Engine(loaded, EngineConfig(num_kv_blocks=16, quantization="int8"))
+    layers = [m for m in engine.runner.model.modules() if isinstance(m, Int8Linear)]
+    amx = "amx_bf16" in cpu_flags() and int8_uses_amx(layers[0])
+    assert {int8_uses_amx(m) for m in layers} == {amx}  # tiny GPT-2: every K (64, 256) a multiple of 32
+    expected = "AMX" if amx else "AVX512-BF16" if has_avx512_bf16() else "AVX2"
+    assert f"{len(layers)} on the {expected} kernel" in caplog.text
 
 
 def test_the_load_log_says_float32_activations_run_the_reference_path(caplog):

@@ -19,6 +19,9 @@
 //   big decode batches) widen each 64-column block once into a bf16 scratch that stays in L2,
 //   and every row tile reads that.
 //
+//   On CPUs with AMX tiles, layers with K a multiple of 32 multiply with TDPBF16PS instead, at
+//   every row count (see int8_linear_amx): the widened k-pairs are AMX B-tile rows as they are.
+//
 // int8_group_linear: the same bytes with one fp16 scale d per group of G weights along K instead
 // of one per channel (GGUF's Q8_0 at G = 32: w = d q), scale (N / 64 blocks, K / G groups, 64)
 // like int4_linear.cpp's. Each group's products sum apart and fold into the totals with their
@@ -34,6 +37,12 @@
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 #include "bf16_dot_block.h"
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#define NANOSERVE_INT8_AMX 1
+#endif
 
 using namespace nanoserve;
 
@@ -101,6 +110,110 @@ template <bool kWidened>
 constexpr GroupedDotBlock kGroupedDotBlock[kGroupRowTile + 1] = {
     nullptr, dot_block_grouped<1, kWidened>, dot_block_grouped<2, kWidened>, dot_block_grouped<3, kWidened>};
 
+#ifdef NANOSERVE_INT8_AMX
+// AMX tiles for int8_linear on CPUs that have them: every row count widens each 64-column block
+// once into a bf16 scratch (the layout above, 256 bytes a k-pair) and multiplies it with
+// TDPBF16PS. A k-pair row of the scratch is exactly an AMX B-tile row (16 columns of (k, k + 1)
+// pairs, 64 bytes), so a B tile is 16 k-pairs read with a 256-byte stride. Dot products
+// (vdpbf16ps) run several times slower than tiles on such CPUs (GPT-2's 50,257-row head at 32
+// rows: 13.4 ms against 2.0 ms), which made int8 weights lose to bf16 past one row. A row's
+// products do not depend on the other rows of its tile, so a row gets the same bits alone or in
+// any batch; x is zero-padded to whole 16-row tiles.
+//   tiles: 0-3 accumulators (16 rows x 16 columns, one per column quarter), 4 x, 5-6 weights.
+
+bool amx_usable() {
+  constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;  // arch_prctl: allow AMX tile state
+  static const bool ok = syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  return ok;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette_id = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+void configure_tiles() {
+  TileConfig cfg;
+  for (int t = 0; t < 7; ++t) { cfg.rows[t] = 16; cfg.colsb[t] = 64; }  // C, A and B: 16 rows of 64 bytes
+  _tile_loadconfig(&cfg);
+}
+
+// 16 rows of x (row stride K) times one block -> acc (16 rows x 64 fp32, row stride 64). kWidened:
+// the block was widened whole (widen_block; several row tiles read it); else each 16 k-pairs of
+// int8 widen into `chunk` (4 KiB, stays in L1) just before their tiles: the same bf16 values,
+// the same tile products, so the same bits, without writing and re-reading the block through L2.
+template <bool kWidened>
+void amx_block(const at::BFloat16* x, int64_t K, const char* block, const char* stream_end, char* chunk, float* acc) {
+  _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+  for (int64_t k0 = 0; k0 < K; k0 += 32) {
+    const char* b = block + k0 / 2 * 256;  // 16 k-pairs from k-pair k0 / 2, widened
+    if constexpr (!kWidened) {
+      const char* q = block + k0 / 2 * 128;  // the same 16 k-pairs, int8: 2 KiB
+      const char* ahead = q + kPrefetchBytes;
+      if (ahead < stream_end)
+        for (int64_t i = 0; i < 2048; i += 64) _mm_prefetch(ahead + i, _MM_HINT_T1);
+      for (int64_t i = 0; i < 2048; i += 32) _mm512_store_si512(chunk + 2 * i, (__m512i)int8x32_to_bf16(q + i));
+      b = chunk;
+    }
+    _tile_loadd(4, x + k0, K * 2);
+    _tile_loadd(5, b, 256);
+    _tile_dpbf16ps(0, 4, 5);
+    _tile_loadd(6, b + 64, 256);
+    _tile_dpbf16ps(1, 4, 6);
+    _tile_loadd(5, b + 128, 256);
+    _tile_dpbf16ps(2, 4, 5);
+    _tile_loadd(6, b + 192, 256);
+    _tile_dpbf16ps(3, 4, 6);
+  }
+  _tile_stored(0, acc, 256); _tile_stored(1, acc + 16, 256);
+  _tile_stored(2, acc + 32, 256); _tile_stored(3, acc + 48, 256);
+}
+
+void int8_linear_amx(const torch::Tensor& x, const char* w, const float* sp, const float* bp, int64_t N,
+                     int64_t activation, OutRows yp) {
+  const int64_t M = x.size(0), K = x.size(1), n_blocks = (N + kCols - 1) / kCols;
+  const int64_t padded_rows = (M + 15) / 16 * 16;
+  const torch::Tensor xp16 = padded_rows == M ? x : at::constant_pad_nd(x, {0, 0, 0, padded_rows - M});
+  const at::BFloat16* xp = xp16.data_ptr<at::BFloat16>();
+  at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<at::BFloat16> widened(M > 16 ? K * kCols + 32 : 0);  // one block in bf16, per thread (+ room to align)
+    char* scratch = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(widened.data()) + 63) & ~uintptr_t{63});
+    alignas(64) char chunk[4096];  // 16 k-pairs in bf16, for a single row tile
+    alignas(64) float tile_acc[16 * 64];
+    __m512 acc[kRowTile][4];
+    configure_tiles();
+    const char* stream_end = w + end * K * kCols;
+    for (int64_t jb = begin; jb < end; ++jb) {
+      const char* block = w + jb * K * kCols;
+      if (M > 16) widen_block(block, K, scratch);
+      for (int64_t m0 = 0; m0 < M; m0 += 16) {
+        if (M > 16) amx_block<true>(xp + m0 * K, K, scratch, nullptr, nullptr, tile_acc);
+        else amx_block<false>(xp + m0 * K, K, block, stream_end, chunk, tile_acc);
+        const int tile_rows = static_cast<int>(std::min<int64_t>(16, M - m0));
+        for (int r0 = 0; r0 < tile_rows; r0 += kRowTile) {  // the dot path's epilogue, kRowTile rows at a time
+          const int rows = std::min(kRowTile, tile_rows - r0);
+          for (int r = 0; r < rows; ++r)
+            for (int q = 0; q < 4; ++q) acc[r][q] = _mm512_load_ps(tile_acc + (r0 + r) * 64 + 16 * q);
+          store_block(acc, rows, sp, bp, activation, yp + (m0 + r0) * N, N, jb * kCols, N);
+        }
+      }
+    }
+    _tile_release();
+  });
+}
+#endif
+
+bool int8_amx() {
+#ifdef NANOSERVE_INT8_AMX
+  return amx_usable();
+#else
+  return false;
+#endif
+}
+
 // The optional float32 (N,) bias the epilogue adds, or nullptr.
 const float* float32_bias(const c10::optional<torch::Tensor>& bias, int64_t N) {
   if (!bias.has_value() || !bias->defined()) return nullptr;
@@ -126,6 +239,12 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor qweight, torch::Tensor 
   auto y = new_output(x, M, N, float_output);
   const char* w = reinterpret_cast<const char*>(qweight.data_ptr<int8_t>());
   const float* sp = scale.data_ptr<float>();
+#ifdef NANOSERVE_INT8_AMX
+  if (K % 32 == 0 && int8_amx()) {
+    int8_linear_amx(x, w, sp, bp, N, activation, OutRows::of(y));
+    return y;
+  }
+#endif
   const int64_t block_bytes = K * kCols;
   const at::BFloat16* xp = x.data_ptr<at::BFloat16>();
   const OutRows yp = OutRows::of(y);
@@ -197,6 +316,8 @@ torch::Tensor int8_group_linear(torch::Tensor x, torch::Tensor qweight, torch::T
 
 bool int8_linear_available() { return false; }
 
+bool int8_amx() { return false; }
+
 torch::Tensor int8_linear(torch::Tensor, torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>, int64_t, int64_t, bool) {
   TORCH_CHECK(false, "built without AVX512-BF16 support");
 }
@@ -210,6 +331,7 @@ torch::Tensor int8_group_linear(torch::Tensor, torch::Tensor, torch::Tensor, c10
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_linear_available", &int8_linear_available, "whether this build has the AVX512-BF16 path");
+  m.def("int8_amx", &int8_amx, "whether int8_linear multiplies with AMX tiles here (layers with K a multiple of 32)");
   m.def("int8_linear", &int8_linear, py::call_guard<py::gil_scoped_release>(),
         py::arg("x"), py::arg("qweight"), py::arg("scale"), py::arg("bias"), py::arg("N"), py::arg("activation"),
         py::arg("float_output") = false,
