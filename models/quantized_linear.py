@@ -136,9 +136,10 @@ _KERNEL_CPU = {"int8_avx2_linear": "AVX2", "int8_group_avx2_linear": "AVX2", "in
 
 def int8_uses_amx(layer: QuantizedLinear) -> bool:
     """Whether the per-channel int8 kernel multiplies this layer with AMX tiles (K a multiple of 32)."""
-    module = load_kernel("nanoserve_int8_linear", "int8_linear.cpp")
-    return (layer.kernel is not None and layer.kernel.__name__ == "int8_linear" and layer.in_features % 32 == 0
-            and module is not None and module.int8_amx())
+    if layer.kernel is None or layer.kernel.__name__ != "int8_linear" or layer.in_features % 32:
+        return False
+    module = load_kernel("nanoserve_int8_linear", "int8_linear.cpp")  # loaded already: it is the layer's kernel
+    return module is not None and module.int8_amx()
 
 
 def _kernel_cpu(layer: QuantizedLinear) -> str:

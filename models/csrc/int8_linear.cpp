@@ -111,10 +111,11 @@ constexpr GroupedDotBlock kGroupedDotBlock[kGroupRowTile + 1] = {
     nullptr, dot_block_grouped<1, kWidened>, dot_block_grouped<2, kWidened>, dot_block_grouped<3, kWidened>};
 
 #ifdef NANOSERVE_INT8_AMX
-// AMX tiles for int8_linear on CPUs that have them: every row count widens each 64-column block
-// once into a bf16 scratch (the layout above, 256 bytes a k-pair) and multiplies it with
-// TDPBF16PS. A k-pair row of the scratch is exactly an AMX B-tile row (16 columns of (k, k + 1)
-// pairs, 64 bytes), so a B tile is 16 k-pairs read with a 256-byte stride. Dot products
+// AMX tiles for int8_linear on CPUs that have them, at every row count: the weights widen to bf16
+// (the layout above, 256 bytes a k-pair) and multiply with TDPBF16PS. A widened k-pair row is
+// four AMX B-tile rows side by side (16 columns of (k, k + 1) pairs, 64 bytes each), so a B tile
+// is 16 k-pairs of one column quarter read with a 256-byte stride. Up to 16 rows widen 16
+// k-pairs at a time into an L1 buffer; more rows widen each block once into an L2 scratch. Dot products
 // (vdpbf16ps) run several times slower than tiles on such CPUs (GPT-2's 50,257-row head at 32
 // rows: 13.4 ms against 2.0 ms), which made int8 weights lose to bf16 past one row. A row's
 // products do not depend on the other rows of its tile, so a row gets the same bits alone or in
@@ -156,6 +157,7 @@ void amx_block(const at::BFloat16* x, int64_t K, const char* block, const char* 
       if (ahead < stream_end)
         for (int64_t i = 0; i < 2048; i += 64) _mm_prefetch(ahead + i, _MM_HINT_T1);
       for (int64_t i = 0; i < 2048; i += 32) _mm512_store_si512(chunk + 2 * i, (__m512i)int8x32_to_bf16(q + i));
+      asm volatile("" ::: "memory");  // GCC's tile loads name no memory operand: keep the stores before them
       b = chunk;
     }
     _tile_loadd(4, x + k0, K * 2);
@@ -188,7 +190,10 @@ void int8_linear_amx(const torch::Tensor& x, const char* w, const float* sp, con
     const char* stream_end = w + end * K * kCols;
     for (int64_t jb = begin; jb < end; ++jb) {
       const char* block = w + jb * K * kCols;
-      if (M > 16) widen_block(block, K, scratch);
+      if (M > 16) {
+        widen_block(block, K, scratch);
+        asm volatile("" ::: "memory");  // as above: the scratch is read by tile loads only
+      }
       for (int64_t m0 = 0; m0 < M; m0 += 16) {
         if (M > 16) amx_block<true>(xp + m0 * K, K, scratch, nullptr, nullptr, tile_acc);
         else amx_block<false>(xp + m0 * K, K, block, stream_end, chunk, tile_acc);
