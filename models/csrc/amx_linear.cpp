@@ -21,11 +21,10 @@
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
 #include <immintrin.h>
-#include <sys/syscall.h>
 
+#include "amx_tiles.h"
 #include "avx512_math.h"
 #include "linear_output.h"
-#include <unistd.h>
 
 namespace {
 
@@ -39,13 +38,7 @@ constexpr int64_t kPrefetchBytes = 16 * kBlockBytes;
 
 enum Activation : int64_t { kNone = 0, kGeluTanh = 1 };
 
-struct alignas(64) TileConfig {
-  uint8_t palette_id = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
+using nanoserve::TileConfig;
 
 void configure_tiles(int rows_lo, int rows_hi) {
   TileConfig cfg;
@@ -107,11 +100,7 @@ void run_blocks(const at::BFloat16* x, int rows, int64_t K, const at::BFloat16* 
 
 }  // namespace
 
-bool amx_available() {
-  constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;  // arch_prctl: allow AMX tile state
-  static const bool ok = syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
-  return ok;
-}
+bool amx_available() { return nanoserve::amx_permitted(); }
 
 torch::Tensor amx_linear(torch::Tensor x, int64_t weight_address, int64_t weight_nbytes, c10::optional<torch::Tensor> bias,
                          int64_t N, int64_t activation, bool float_output) {

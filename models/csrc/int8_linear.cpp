@@ -39,8 +39,7 @@
 #include "bf16_dot_block.h"
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-#include <sys/syscall.h>
-#include <unistd.h>
+#include "amx_tiles.h"
 #define NANOSERVE_INT8_AMX 1
 #endif
 
@@ -122,20 +121,6 @@ constexpr GroupedDotBlock kGroupedDotBlock[kGroupRowTile + 1] = {
 // any batch; x is zero-padded to whole 16-row tiles.
 //   tiles: 0-3 accumulators (16 rows x 16 columns, one per column quarter), 4 x, 5-6 weights.
 
-bool amx_usable() {
-  constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;  // arch_prctl: allow AMX tile state
-  static const bool ok = syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
-  return ok;
-}
-
-struct alignas(64) TileConfig {
-  uint8_t palette_id = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
 void configure_tiles() {
   TileConfig cfg;
   for (int t = 0; t < 7; ++t) { cfg.rows[t] = 16; cfg.colsb[t] = 64; }  // C, A and B: 16 rows of 64 bytes
@@ -213,7 +198,7 @@ void int8_linear_amx(const torch::Tensor& x, const char* w, const float* sp, con
 
 bool int8_amx() {
 #ifdef NANOSERVE_INT8_AMX
-  return amx_usable();
+  return amx_permitted();
 #else
   return false;
 #endif
