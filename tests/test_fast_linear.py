@@ -59,18 +59,20 @@ def test_packed_linear_equals_linear(use_small_batch, rows, shape, bias):
 @needs_onednn
 @pytest.mark.parametrize("kernel", small_batch_kernels(), ids=lambda k: k.name)
 def test_small_batch_kernel_matches_onednn_at_decode_shapes(kernel):
-    """Each small-batch kernel this CPU runs, against oneDNN on one packed buffer, at GPT-2 and
-    Qwen decode shapes and every row count 1..64 (the kernel itself takes any count)."""
+    """Each small-batch kernel this CPU runs, against oneDNN, at GPT-2 and Qwen decode shapes and
+    every row count 1..64 (the kernel itself takes any count). A kernel reads oneDNN's packed
+    buffer where oneDNN lays it out for that kernel; elsewhere (the AVX512-BF16 kernel on an AMX
+    CPU) the weight is laid out here in the kernel's layout."""
     for in_features, out_features in [(768, 2304), (3072, 768), (896, 4864)]:
-        packed = PackedLinear(_bf16_linear(in_features, out_features))
-        if packed.kernel is None:
-            pytest.skip("oneDNN lays weights out on this CPU in a way no small-batch kernel reads (oneDNN runs)")
-        if packed.kernel != kernel:  # an AMX CPU also builds the AVX512-BF16 kernel, but gets AMX's layout
-            pytest.skip(f"oneDNN lays weights out for the {packed.kernel.name} kernel on this CPU")
+        linear = _bf16_linear(in_features, out_features)
+        packed = PackedLinear(linear)
+        own = None if packed.kernel == kernel else kernel.layout.order(linear.weight.detach()).contiguous()
+        weight_buffer = packed.weight_buffer if own is None else (own.data_ptr(), own.numel() * 2)
+        bias_f32 = linear.bias.detach().float()
         for rows in range(1, 65):
             x = torch.randn(rows, in_features).to(torch.bfloat16)
             onednn = torch.ops.mkldnn._linear_pointwise(x, packed.packed_weight, packed.bias, "none", [], "")
-            ours = kernel.linear(x, *packed.weight_buffer, packed.bias_f32, out_features, 0)
+            ours = kernel.linear(x, *weight_buffer, bias_f32, out_features, 0)
             torch.testing.assert_close(ours, onednn, atol=6e-2, rtol=1.6e-2)
 
 
