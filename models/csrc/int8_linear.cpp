@@ -114,8 +114,8 @@ constexpr GroupedDotBlock kGroupedDotBlock[kGroupRowTile + 1] = {
 // (the layout above, 256 bytes a k-pair) and multiply with TDPBF16PS. A widened k-pair row is
 // four AMX B-tile rows side by side (16 columns of (k, k + 1) pairs, 64 bytes each), so a B tile
 // is 16 k-pairs of one column quarter read with a 256-byte stride. Up to 16 rows widen 16
-// k-pairs at a time into an L1 buffer; more rows widen each block once into an L2 scratch. Dot products
-// (vdpbf16ps) run several times slower than tiles on such CPUs (GPT-2's 50,257-row head at 32
+// k-pairs at a time into an L1 buffer; more rows widen each block once into an L2 scratch. Dot
+// products (vdpbf16ps) run several times slower than tiles on such CPUs (GPT-2's bf16 head at 32
 // rows: 13.4 ms against 2.0 ms), which made int8 weights lose to bf16 past one row. A row's
 // products do not depend on the other rows of its tile, so a row gets the same bits alone or in
 // any batch; x is zero-padded to whole 16-row tiles.
